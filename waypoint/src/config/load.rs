@@ -1,0 +1,804 @@
+//! Local config file → [`Snapshot`]: split documents, parse each kind, validate, resolve selectors.
+//!
+//! Every problem is collected (not just the first) and names the file, the document (number, kind, name and
+//! line) and the field, so an operator can fix a whole file in one pass. A file with any error produces no
+//! snapshot: the caller keeps serving the last good one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use super::k8s::{self, IntOrString};
+use super::{Backend, Endpoint, PortProtocol, ServiceBinding, Settings, Snapshot, TlsPaths, duration};
+use crate::identity::SpiffeId;
+
+/// One problem in one document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based document number in the file (0 = the file as a whole).
+    pub document: usize,
+    pub line: usize,
+    /// `Kind namespace/name` when known.
+    pub object: Option<String>,
+    /// Dotted path of the offending field, e.g. `spec.ports[0].port`.
+    pub field: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if self.document > 0 {
+            write!(f, ": document {} (line {}", self.document, self.line)?;
+            if let Some(o) = &self.object {
+                write!(f, ", {o}")?;
+            }
+            write!(f, ")")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field {field}")?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+/// All problems found in one load.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Read and compile a config file. `generation` is stamped on the snapshot.
+pub fn load_file(path: &Path, generation: u64) -> Result<Snapshot, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.display().to_string(),
+            document: 0,
+            line: 0,
+            object: None,
+            field: None,
+            reason: format!("cannot read: {e}"),
+        }])
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse_config(&path.display().to_string(), &base, &text, generation)
+}
+
+/// Compile config text. Relative certificate paths resolve against `base_dir`.
+pub fn parse_config(file: &str, base_dir: &Path, text: &str, generation: u64) -> Result<Snapshot, ConfigErrors> {
+    let mut cx = Ctx {
+        file,
+        errors: Vec::new(),
+        doc: 0,
+        line: 0,
+        object: None,
+    };
+    let mut objects = Objects::default();
+    for (doc_no, (line, doc)) in split_documents(text).into_iter().enumerate() {
+        cx.doc = doc_no + 1;
+        cx.line = line;
+        cx.object = None;
+        let value: serde_json::Value = match serde_saphyr::from_str::<Option<serde_json::Value>>(doc) {
+            Ok(Some(v)) => v,
+            Ok(None) => continue,
+            Err(e) => {
+                cx.error(None, format!("invalid YAML: {}", first_line(&e.to_string())));
+                continue;
+            }
+        };
+        if value.is_null() {
+            continue;
+        }
+        objects.add(&mut cx, value);
+    }
+    cx.doc = 0;
+    cx.object = None;
+    let snapshot = compile(&mut cx, base_dir, objects, generation);
+    if cx.errors.is_empty() {
+        if let Some(s) = snapshot {
+            return Ok(s);
+        }
+    }
+    let mut errors = cx.errors;
+    errors.sort_by_key(|e| e.document);
+    Err(ConfigErrors(errors))
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or_default().to_string()
+}
+
+/// Split on `---` document markers at column 0, remembering each document's first line (1-based).
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let mut start = 0usize;
+    let mut start_line = 1usize;
+    let mut offset = 0usize;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let trimmed = line.trim_end_matches(['\n', '\r']);
+        let is_marker =
+            trimmed == "---" || trimmed.starts_with("--- ") || trimmed.starts_with("---\t") || trimmed == "...";
+        if is_marker {
+            docs.push((start_line, &text[start..offset]));
+            start = offset + line.len();
+            start_line = i + 2;
+        }
+        offset += line.len();
+    }
+    docs.push((start_line, &text[start..]));
+    docs.retain(|(_, d)| {
+        d.lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+    });
+    docs
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    errors: Vec<ConfigError>,
+    doc: usize,
+    line: usize,
+    object: Option<String>,
+}
+
+impl Ctx<'_> {
+    fn error(&mut self, field: Option<String>, reason: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            document: self.doc,
+            line: self.line,
+            object: self.object.clone(),
+            field,
+            reason: reason.into(),
+        });
+    }
+
+    fn field_error(&mut self, field: &str, reason: impl Into<String>) {
+        self.error(Some(field.to_string()), reason);
+    }
+}
+
+/// Where an object came from, for errors raised after parsing (while resolving references).
+#[derive(Clone)]
+struct Origin {
+    doc: usize,
+    line: usize,
+    object: String,
+}
+
+#[derive(Default)]
+struct Objects {
+    waypoint: Vec<(Origin, k8s::WaypointConfig)>,
+    services: Vec<(Origin, k8s::Service)>,
+    pods: Vec<(Origin, k8s::Pod)>,
+    workload_entries: Vec<(Origin, k8s::WorkloadEntry)>,
+    skipped: Vec<String>,
+}
+
+impl Objects {
+    fn add(&mut self, cx: &mut Ctx<'_>, value: serde_json::Value) {
+        let api_version = value
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let kind = value
+            .get("kind")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let meta = value.get("metadata");
+        let name = meta
+            .and_then(|m| m.get("name"))
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        let ns = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        cx.object = Some(format!("{kind} {ns}/{name}"));
+        if kind.is_empty() {
+            cx.field_error("kind", "missing");
+            return;
+        }
+        if api_version.is_empty() {
+            cx.field_error("apiVersion", "missing");
+            return;
+        }
+        if name.is_empty() {
+            cx.field_error("metadata.name", "missing");
+            return;
+        }
+        let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+        let origin = Origin {
+            doc: cx.doc,
+            line: cx.line,
+            object: cx.object.clone().unwrap_or_default(),
+        };
+        match (group, kind.as_str()) {
+            ("", "Service") => push(cx, &mut self.services, origin, value),
+            ("", "Pod") => push(cx, &mut self.pods, origin, value),
+            ("networking.istio.io", "WorkloadEntry") => push(cx, &mut self.workload_entries, origin, value),
+            ("waypoint.istio.io", "WaypointConfig") => push(cx, &mut self.waypoint, origin, value),
+            _ => {
+                tracing::warn!(file = cx.file, document = cx.doc, %api_version, %kind, %name, "kind not supported by this waypoint; skipped");
+                self.skipped.push(format!("{api_version}/{kind} {ns}/{name}"));
+            }
+        }
+    }
+}
+
+fn push<T: DeserializeOwned>(cx: &mut Ctx<'_>, into: &mut Vec<(Origin, T)>, origin: Origin, value: serde_json::Value) {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(obj) => into.push((origin, obj)),
+        Err(e) => {
+            let path = e.path().to_string();
+            cx.error(if path == "." { None } else { Some(path) }, e.into_inner().to_string());
+        }
+    }
+}
+
+fn with_origin<R>(cx: &mut Ctx<'_>, origin: &Origin, f: impl FnOnce(&mut Ctx<'_>) -> R) -> R {
+    cx.doc = origin.doc;
+    cx.line = origin.line;
+    cx.object = Some(origin.object.clone());
+    f(cx)
+}
+
+fn compile(cx: &mut Ctx<'_>, base_dir: &Path, objects: Objects, generation: u64) -> Option<Snapshot> {
+    let settings = match objects.waypoint.as_slice() {
+        [] => {
+            cx.error(
+                None,
+                "no WaypointConfig document (apiVersion waypoint.istio.io/v1alpha1): one is required",
+            );
+            None
+        }
+        [(origin, wc)] => with_origin(cx, origin, |cx| settings_from(cx, base_dir, wc)),
+        [_, (origin, _), ..] => {
+            with_origin(cx, origin, |cx| cx.error(None, "more than one WaypointConfig document"));
+            None
+        }
+    };
+    let settings = settings?;
+    let workloads = workloads(cx, &settings, &objects);
+    let mut services: HashMap<SocketAddr, Arc<ServiceBinding>> = HashMap::new();
+    let mut owners: HashMap<SocketAddr, String> = HashMap::new();
+    for (origin, svc) in &objects.services {
+        with_origin(cx, origin, |cx| {
+            for binding in service_bindings(cx, &settings, svc, &workloads) {
+                let vip = binding.vip;
+                if let Some(owner) = owners.get(&vip) {
+                    cx.error(None, format!("address {vip} is already bound by {owner}"));
+                    continue;
+                }
+                owners.insert(vip, origin.object.clone());
+                services.insert(vip, Arc::new(binding));
+            }
+        });
+    }
+    Some(Snapshot {
+        generation,
+        source: cx.file.to_string(),
+        settings,
+        services,
+        skipped: objects.skipped,
+    })
+}
+
+fn parse_duration_field(cx: &mut Ctx<'_>, field: &str, v: Option<&str>, default: Duration) -> Duration {
+    match v.map(duration::parse) {
+        None => default,
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            cx.field_error(field, e.to_string());
+            default
+        }
+    }
+}
+
+fn parse_addr_field(cx: &mut Ctx<'_>, field: &str, v: Option<&str>, default: &str) -> Option<SocketAddr> {
+    let s = v.unwrap_or(default);
+    match s.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            cx.field_error(field, format!("{s:?} is not an ip:port socket address"));
+            None
+        }
+    }
+}
+
+fn settings_from(cx: &mut Ctx<'_>, base_dir: &Path, wc: &k8s::WaypointConfig) -> Option<Settings> {
+    let spec = &wc.spec;
+    let hbone = parse_addr_field(
+        cx,
+        "spec.listeners.hbone",
+        spec.listeners.hbone.as_deref(),
+        "0.0.0.0:15008",
+    );
+    let readiness = parse_addr_field(
+        cx,
+        "spec.listeners.readiness",
+        spec.listeners.readiness.as_deref(),
+        "0.0.0.0:15021",
+    );
+    let admin = parse_addr_field(
+        cx,
+        "spec.listeners.admin",
+        spec.listeners.admin.as_deref(),
+        "127.0.0.1:15000",
+    );
+    let resolve = |p: &str| -> PathBuf {
+        let p = PathBuf::from(p);
+        if p.is_absolute() { p } else { base_dir.join(p) }
+    };
+    let tls = match &spec.tls {
+        Some(t) => {
+            for (field, v) in [
+                ("certFile", &t.cert_file),
+                ("keyFile", &t.key_file),
+                ("rootsFile", &t.roots_file),
+            ] {
+                if v.is_empty() {
+                    cx.field_error(&format!("spec.tls.{field}"), "must not be empty");
+                }
+            }
+            Some(TlsPaths {
+                cert_file: resolve(&t.cert_file),
+                key_file: resolve(&t.key_file),
+                roots_file: resolve(&t.roots_file),
+            })
+        }
+        None => {
+            cx.field_error("spec.tls", "required: certFile, keyFile and rootsFile (PEM)");
+            None
+        }
+    };
+    let trust_domain = spec.trust_domain.clone().unwrap_or_else(|| "cluster.local".to_string());
+    if trust_domain.is_empty() || trust_domain.contains('/') {
+        cx.field_error("spec.trustDomain", format!("{trust_domain:?} is not a trust domain"));
+    }
+    let dest_port = match spec.destination_hbone_port {
+        None => 15008,
+        Some(p) => port_or_error(cx, "spec.destinationHbonePort", p).unwrap_or(15008),
+    };
+    let drain_timeout = parse_duration_field(
+        cx,
+        "spec.drainTimeout",
+        spec.drain_timeout.as_deref(),
+        Duration::from_secs(30),
+    );
+    let protocol_detection_timeout = parse_duration_field(
+        cx,
+        "spec.protocolDetectionTimeout",
+        spec.protocol_detection_timeout.as_deref(),
+        Duration::from_millis(100),
+    );
+    let watch_interval = parse_duration_field(
+        cx,
+        "spec.watchInterval",
+        spec.watch_interval.as_deref(),
+        Duration::from_millis(500),
+    );
+    if watch_interval.is_zero() {
+        cx.field_error("spec.watchInterval", "must be greater than zero");
+    }
+    Some(Settings {
+        name: wc.metadata.name.clone(),
+        namespace: wc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        trust_domain,
+        cluster_domain: spec.cluster_domain.clone().unwrap_or_else(|| "cluster.local".into()),
+        hbone_addr: hbone?,
+        readiness_addr: readiness?,
+        admin_addr: admin?,
+        tls: tls?,
+        destination_hbone_port: dest_port,
+        drain_timeout,
+        protocol_detection_timeout,
+        watch_interval,
+    })
+}
+
+fn port_or_error(cx: &mut Ctx<'_>, field: &str, p: i64) -> Option<u16> {
+    match u16::try_from(p) {
+        Ok(p) if p > 0 => Some(p),
+        _ => {
+            cx.field_error(field, format!("must be a port number 1-65535, got {p}"));
+            None
+        }
+    }
+}
+
+/// A pod or WorkloadEntry reduced to what endpoint resolution needs.
+struct Workload {
+    name: Arc<str>,
+    namespace: Arc<str>,
+    ip: IpAddr,
+    labels: BTreeMap<String, String>,
+    identity: SpiffeId,
+    hbone: bool,
+    /// Named container ports (Pod) or service-port-name overrides (WorkloadEntry).
+    named_ports: BTreeMap<String, u16>,
+    /// WorkloadEntry `ports` override the Service targetPort by service port *name*; Pod names are container
+    /// port names matched against a string targetPort.
+    port_overrides_by_service_port_name: bool,
+}
+
+/// Istio marks an endpoint as HBONE-capable when the pod is captured by ztunnel (istio-cni annotates it) or
+/// when it carries the tunnel label (istiod `supportTunnel`).
+fn speaks_hbone(labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, String>) -> bool {
+    annotations.get("ambient.istio.io/redirection").map(String::as_str) == Some("enabled")
+        || labels.get("networking.istio.io/tunnel").map(String::as_str) == Some("http")
+}
+
+fn workloads(cx: &mut Ctx<'_>, settings: &Settings, objects: &Objects) -> Vec<Workload> {
+    let mut out = Vec::new();
+    for (origin, pod) in &objects.pods {
+        with_origin(cx, origin, |cx| {
+            if matches!(pod.status.phase.as_deref(), Some("Succeeded") | Some("Failed")) {
+                return;
+            }
+            let Some(ip_s) = pod.status.pod_ip.as_deref() else {
+                tracing::debug!(pod = %origin.object, "pod has no status.podIP yet; not an endpoint");
+                return;
+            };
+            let Ok(ip) = ip_s.parse::<IpAddr>() else {
+                cx.field_error("status.podIP", format!("{ip_s:?} is not an IP address"));
+                return;
+            };
+            let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            let sa = pod
+                .spec
+                .service_account_name
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let mut named_ports = BTreeMap::new();
+            for (ci, c) in pod.spec.containers.iter().enumerate() {
+                for (pi, p) in c.ports.iter().enumerate() {
+                    let field = format!("spec.containers[{ci}].ports[{pi}].containerPort");
+                    if let (Some(name), Some(port)) = (&p.name, port_or_error(cx, &field, p.container_port)) {
+                        named_ports.insert(name.clone(), port);
+                    }
+                }
+            }
+            out.push(Workload {
+                name: pod.metadata.name.as_str().into(),
+                identity: SpiffeId::new(&settings.trust_domain, &ns, &sa),
+                namespace: ns.into(),
+                ip,
+                labels: pod.metadata.labels.clone(),
+                hbone: speaks_hbone(&pod.metadata.labels, &pod.metadata.annotations),
+                named_ports,
+                port_overrides_by_service_port_name: false,
+            });
+        });
+    }
+    for (origin, we) in &objects.workload_entries {
+        with_origin(cx, origin, |cx| {
+            let Some(addr) = we.spec.address.as_deref() else {
+                cx.field_error("spec.address", "required");
+                return;
+            };
+            let Ok(ip) = addr.parse::<IpAddr>() else {
+                cx.field_error(
+                    "spec.address",
+                    format!("{addr:?} is not an IP address (DNS addresses are not supported)"),
+                );
+                return;
+            };
+            let ns = we.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            let sa = we.spec.service_account.clone().unwrap_or_else(|| "default".into());
+            let labels = if we.spec.labels.is_empty() {
+                we.metadata.labels.clone()
+            } else {
+                we.spec.labels.clone()
+            };
+            let mut named_ports = BTreeMap::new();
+            for (name, p) in &we.spec.ports {
+                if let Some(port) = port_or_error(cx, &format!("spec.ports.{name}"), *p) {
+                    named_ports.insert(name.clone(), port);
+                }
+            }
+            out.push(Workload {
+                name: we.metadata.name.as_str().into(),
+                identity: SpiffeId::new(&settings.trust_domain, &ns, &sa),
+                namespace: ns.into(),
+                ip,
+                hbone: speaks_hbone(&labels, &we.metadata.annotations),
+                labels,
+                named_ports,
+                port_overrides_by_service_port_name: true,
+            });
+        });
+    }
+    out
+}
+
+fn service_bindings(
+    cx: &mut Ctx<'_>,
+    settings: &Settings,
+    svc: &k8s::Service,
+    workloads: &[Workload],
+) -> Vec<ServiceBinding> {
+    let ns: Arc<str> = svc.metadata.namespace.as_deref().unwrap_or("default").into();
+    let name: Arc<str> = svc.metadata.name.as_str().into();
+    let hostname: Arc<str> = format!("{name}.{ns}.svc.{}", settings.cluster_domain).into();
+    let mut vips: Vec<IpAddr> = Vec::new();
+    let mut ip_strings: Vec<(String, &str)> = Vec::new();
+    if let Some(ip) = &svc.spec.cluster_ip {
+        ip_strings.push(("spec.clusterIP".into(), ip));
+    }
+    for (i, ip) in svc.spec.cluster_ips.iter().enumerate() {
+        ip_strings.push((format!("spec.clusterIPs[{i}]"), ip));
+    }
+    for (field, s) in ip_strings {
+        if s.is_empty() || s.eq_ignore_ascii_case("none") {
+            continue;
+        }
+        match s.parse::<IpAddr>() {
+            Ok(ip) if !vips.contains(&ip) => vips.push(ip),
+            Ok(_) => {}
+            Err(_) => cx.field_error(&field, format!("{s:?} is not an IP address")),
+        }
+    }
+    if vips.is_empty() {
+        tracing::warn!(service = %format!("{ns}/{name}"), "service has no cluster IP; nothing can address it through the waypoint");
+        return Vec::new();
+    }
+    let selector = svc.spec.selector.clone().unwrap_or_default();
+    let selected: Vec<&Workload> = if selector.is_empty() {
+        // Without a selector Kubernetes expects manually managed endpoints, which this file format has no kind for.
+        Vec::new()
+    } else {
+        workloads
+            .iter()
+            .filter(|w| *w.namespace == *ns && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            .collect()
+    };
+    let mut out = Vec::new();
+    for (pi, port) in svc.spec.ports.iter().enumerate() {
+        let Some(svc_port) = port_or_error(cx, &format!("spec.ports[{pi}].port"), port.port) else {
+            continue;
+        };
+        if let Some(p) = &port.protocol {
+            if !p.eq_ignore_ascii_case("TCP") {
+                // UDP/SCTP never reach a waypoint: HBONE carries TCP only.
+                continue;
+            }
+        }
+        let target = match &port.target_port {
+            None => IntOrString::Int(svc_port.into()),
+            Some(IntOrString::Int(p)) => match port_or_error(cx, &format!("spec.ports[{pi}].targetPort"), *p) {
+                Some(p) => IntOrString::Int(p.into()),
+                None => continue,
+            },
+            Some(IntOrString::String(s)) if s.is_empty() => {
+                cx.field_error(&format!("spec.ports[{pi}].targetPort"), "must not be empty");
+                continue;
+            }
+            Some(t @ IntOrString::String(_)) => t.clone(),
+        };
+        let mut endpoints = Vec::new();
+        for w in &selected {
+            let resolved = if w.port_overrides_by_service_port_name {
+                port.name
+                    .as_ref()
+                    .and_then(|n| w.named_ports.get(n).copied())
+                    .or(match &target {
+                        IntOrString::Int(p) => u16::try_from(*p).ok(),
+                        IntOrString::String(_) => None,
+                    })
+            } else {
+                match &target {
+                    IntOrString::Int(p) => u16::try_from(*p).ok(),
+                    IntOrString::String(s) => w.named_ports.get(s).copied(),
+                }
+            };
+            let Some(tp) = resolved else {
+                tracing::warn!(service = %format!("{ns}/{name}"), workload = %w.name, "workload has no port named by targetPort; skipped as endpoint");
+                continue;
+            };
+            endpoints.push(Arc::new(Endpoint {
+                addr: SocketAddr::new(w.ip, tp),
+                hbone: w.hbone.then(|| SocketAddr::new(w.ip, settings.destination_hbone_port)),
+                identity: w.identity.clone(),
+                workload: w.name.clone(),
+                namespace: w.namespace.clone(),
+                labels: w.labels.clone(),
+            }));
+        }
+        let backend = Arc::new(Backend::new(name.clone(), ns.clone(), svc_port, endpoints));
+        let protocol = PortProtocol::from_port(port.app_protocol.as_deref(), port.name.as_deref());
+        for vip in &vips {
+            out.push(ServiceBinding {
+                name: name.clone(),
+                namespace: ns.clone(),
+                hostname: hostname.clone(),
+                vip: SocketAddr::new(*vip, svc_port),
+                port_name: port.name.clone(),
+                protocol,
+                backend: backend.clone(),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = "apiVersion: waypoint.istio.io/v1alpha1
+kind: WaypointConfig
+metadata: {name: wp, namespace: infra}
+spec:
+  listeners: {hbone: 127.0.0.1:15008}
+  tls: {certFile: c.pem, keyFile: k.pem, rootsFile: r.pem}
+";
+
+    fn parse(text: &str) -> Result<Snapshot, ConfigErrors> {
+        parse_config("test.yaml", Path::new("/etc/wp"), text, 1)
+    }
+
+    #[test]
+    fn resolves_services_pods_and_workload_entries() {
+        let text = format!(
+            "{HEADER}---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: ns1}}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {{app: echo}}
+  ports:
+  - {{name: http, port: 80, targetPort: web}}
+  - {{name: tcp-db, port: 5432}}
+  - {{name: grpc, port: 7070, targetPort: 7070, appProtocol: kubernetes.io/h2c}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: echo-1
+  namespace: ns1
+  labels: {{app: echo}}
+  annotations: {{ambient.istio.io/redirection: enabled}}
+spec:
+  serviceAccountName: echo-sa
+  containers: [{{name: c, ports: [{{name: web, containerPort: 8080}}]}}]
+status: {{podIP: 127.1.0.1}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: vm-1, namespace: ns1}}
+spec:
+  address: 127.1.0.2
+  labels: {{app: echo}}
+  ports: {{http: 9090}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: other, namespace: ns2, labels: {{app: echo}}}}
+status: {{podIP: 127.1.0.3}}
+"
+        );
+        let snap = parse(&text).unwrap();
+        assert_eq!(snap.settings.tls.cert_file, PathBuf::from("/etc/wp/c.pem"));
+        let http = snap.service(&"10.96.0.10:80".parse().unwrap()).unwrap();
+        assert_eq!(http.protocol, PortProtocol::Http);
+        assert_eq!(&*http.hostname, "echo.ns1.svc.cluster.local");
+        let eps: Vec<String> = http.backend.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(
+            eps,
+            vec!["127.1.0.1:8080", "127.1.0.2:9090"],
+            "named targetPort and WorkloadEntry port override"
+        );
+        let pod = &http.backend.endpoints[0];
+        assert_eq!(pod.identity.to_string(), "spiffe://cluster.local/ns/ns1/sa/echo-sa");
+        assert_eq!(pod.hbone, Some("127.1.0.1:15008".parse().unwrap()));
+        assert_eq!(http.backend.endpoints[1].hbone, None, "no tunnel capability: plain TCP");
+        let db = snap.service(&"10.96.0.10:5432".parse().unwrap()).unwrap();
+        assert_eq!(db.protocol, PortProtocol::Tcp);
+        // The pod has no container port 5432 declared, but a numeric targetPort needs none.
+        assert_eq!(db.backend.endpoints.len(), 2);
+        let grpc = snap.service(&"10.96.0.10:7070".parse().unwrap()).unwrap();
+        assert_eq!(grpc.protocol, PortProtocol::Http2);
+    }
+
+    #[test]
+    fn errors_name_file_document_and_field() {
+        let text = format!(
+            "{HEADER}---
+apiVersion: v1
+kind: Service
+metadata: {{name: bad, namespace: ns1}}
+spec:
+  clusterIP: 10.96.0.11
+  ports:
+  - {{name: http, port: 70000}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: worse, namespace: ns1}}
+spec:
+  ports:
+  - {{name: http, port: eighty}}
+"
+        );
+        let errs = parse(&text).unwrap_err();
+        let msgs: Vec<String> = errs.0.iter().map(|e| e.to_string()).collect();
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert!(
+            msgs[0].starts_with("test.yaml: document 2 (line 8, Service ns1/bad): field spec.ports[0].port:"),
+            "{}",
+            msgs[0]
+        );
+        assert!(msgs[0].contains("70000"));
+        assert!(msgs[1].contains("document 3"), "{}", msgs[1]);
+        assert!(msgs[1].contains("field spec.ports[0].port"), "{}", msgs[1]);
+    }
+
+    #[test]
+    fn unknown_kinds_are_skipped_and_reported() {
+        let text = format!("{HEADER}---\napiVersion: example.com/v1\nkind: Widget\nmetadata: {{name: w}}\n");
+        let snap = parse(&text).unwrap();
+        assert_eq!(snap.skipped, vec!["example.com/v1/Widget default/w"]);
+    }
+
+    #[test]
+    fn requires_exactly_one_waypoint_config_and_valid_yaml() {
+        let errs = parse("apiVersion: v1\nkind: Service\nmetadata: {name: a}\n").unwrap_err();
+        assert!(errs.to_string().contains("no WaypointConfig"), "{errs}");
+        let errs = parse(&format!("{HEADER}---\n{HEADER}")).unwrap_err();
+        assert!(errs.to_string().contains("more than one WaypointConfig"), "{errs}");
+        let errs = parse(&format!("{HEADER}---\nkind: [unclosed\n")).unwrap_err();
+        assert!(
+            errs.to_string().contains("document 2") && errs.to_string().contains("invalid YAML"),
+            "{errs}"
+        );
+        let errs = parse(&HEADER.replace("listeners:", "listners:")).unwrap_err();
+        assert!(errs.to_string().contains("listners"), "{errs}");
+    }
+
+    #[test]
+    fn duplicate_vip_port_is_rejected() {
+        let svc = |n: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {n}}}\nspec: {{clusterIP: 10.0.0.1, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        let errs = parse(&format!("{HEADER}{}{}", svc("a"), svc("b"))).unwrap_err();
+        assert!(
+            errs.to_string()
+                .contains("10.0.0.1:80 is already bound by Service default/a"),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn protocol_from_app_protocol_and_name() {
+        use PortProtocol::*;
+        assert_eq!(PortProtocol::from_port(Some("HTTP"), None), Http);
+        assert_eq!(PortProtocol::from_port(None, Some("grpc-web")), Http2);
+        assert_eq!(PortProtocol::from_port(None, Some("http2-foo")), Http2);
+        assert_eq!(PortProtocol::from_port(None, Some("tcp-mysql")), Tcp);
+        assert_eq!(PortProtocol::from_port(None, Some("tls")), Tcp);
+        assert_eq!(PortProtocol::from_port(None, Some("web")), Detect);
+        assert_eq!(PortProtocol::from_port(Some("kubernetes.io/h2c"), Some("http")), Http2);
+    }
+}

@@ -1,0 +1,115 @@
+//! Watches the config file and swaps the snapshot when a valid edit lands.
+//!
+//! Polling (content compared, not just mtime) rather than inotify: a Kubernetes ConfigMap mount updates by
+//! swapping a symlink, which inotify on the file misses, and polling a small file every half second costs
+//! nothing. A rejected edit is logged with every error and counted; the last good snapshot keeps serving.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use super::{Snapshot, load_file};
+
+/// The live config: what the data path reads, plus reload bookkeeping for the admin endpoint.
+pub struct ConfigStore {
+    pub path: PathBuf,
+    current: ArcSwap<Snapshot>,
+    rejected: AtomicU64,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl ConfigStore {
+    pub fn new(path: PathBuf, initial: Snapshot) -> Arc<Self> {
+        Arc::new(ConfigStore {
+            path,
+            current: ArcSwap::from_pointee(initial),
+            rejected: AtomicU64::new(0),
+            last_error: std::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Cheap per-request access (no refcount traffic).
+    pub fn guard(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    pub fn rejected_count(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Re-read the file now. Returns whether a new snapshot was published.
+    pub fn reload(&self) -> bool {
+        let current = self.current.load();
+        match load_file(&self.path, current.generation + 1) {
+            Ok(next) => {
+                if next.settings.hbone_addr != current.settings.hbone_addr
+                    || next.settings.readiness_addr != current.settings.readiness_addr
+                    || next.settings.admin_addr != current.settings.admin_addr
+                    || next.settings.tls != current.settings.tls
+                    || next.settings.trust_domain != current.settings.trust_domain
+                {
+                    tracing::warn!(
+                        file = %self.path.display(),
+                        "listener addresses, trust domain and certificate paths apply at start-up only; restart to change them"
+                    );
+                }
+                tracing::info!(
+                    file = %self.path.display(),
+                    generation = next.generation,
+                    services = next.services.len(),
+                    "config applied"
+                );
+                self.current.store(Arc::new(next));
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = None;
+                }
+                true
+            }
+            Err(errors) => {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+                for e in &errors.0 {
+                    tracing::error!(error = %e, "config rejected; the last good config keeps serving");
+                }
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = Some(errors.to_string());
+                }
+                false
+            }
+        }
+    }
+
+    /// Poll the file until `stop` fires.
+    pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
+        let mut last = std::fs::read(&self.path).ok();
+        loop {
+            let interval = self.current.load().settings.watch_interval;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let now = match tokio::fs::read(&self.path).await {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    // A rename-based editor or a ConfigMap swap can leave the path briefly absent.
+                    tracing::debug!(file = %self.path.display(), error = %e, "config file unreadable; will retry");
+                    continue;
+                }
+            };
+            if now != last {
+                last = now;
+                self.reload();
+            }
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! HBONE: mTLS + HTTP/2 CONNECT, inbound from ztunnel ([`server`]) and outbound to destination ztunnels
+//! ([`client`]), with [`stream::H2Stream`] turning one CONNECT stream into a byte pipe.
+
+pub mod client;
+pub mod server;
+pub mod stream;
+
+use std::time::Duration;
+
+/// ztunnel's HTTP/2 settings (reference §1.3): large windows so one stream can fill a fast link, 1 MiB frames so
+/// bulk data costs few frame headers.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME: u32 = 1024 * 1024;
+/// Keepalive: first PING after 10 s idle, then every 10 s; no PONG within 20 s drops the connection.
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// ztunnel's connect timeout for HBONE and plain TCP upstreams.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Socket options both directions use: no Nagle (CONNECT headers and small responses must not wait) and TCP
+/// keepalive so a vanished peer is noticed even when PINGs are not flowing.
+pub fn tune_socket(s: &tokio::net::TcpStream) {
+    let _ = s.set_nodelay(true);
+}

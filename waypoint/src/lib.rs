@@ -1,0 +1,128 @@
+//! waypoint: an Envoy-free L7 waypoint proxy for Istio ambient mesh.
+//!
+//! [`App::start`] wires the pieces (see ARCHITECTURE.md): config store and watcher, certificate store and
+//! watcher, the HBONE listener, readiness and admin listeners, and the drain that ties their shutdown together.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod drain;
+pub mod hbone;
+pub mod identity;
+pub mod proxy;
+pub mod tls;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use config::watch::ConfigStore;
+use drain::Drain;
+use proxy::Ctx;
+use tls::reload::TlsStore;
+
+pub use cli::cli_main;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid config:\n{0}")]
+    Config(#[from] config::ConfigErrors),
+    #[error("certificates: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running waypoint: every listener bound, config and certificates loaded.
+pub struct App {
+    pub hbone_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    ctx: Arc<Ctx>,
+    drain_timeout: Duration,
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+impl App {
+    /// Load `config_path`, bind every listener and start serving. Must run inside a Tokio runtime.
+    pub async fn start(config_path: PathBuf) -> Result<App, StartError> {
+        let snapshot = config::load_file(&config_path, 1)?;
+        let settings = snapshot.settings.clone();
+        let tls = TlsStore::load(settings.tls.clone(), settings.trust_domain.clone())?;
+        let hbone = bind("hbone", settings.hbone_addr).await?;
+        let readiness = bind("readiness", settings.readiness_addr).await?;
+        let admin = bind("admin", settings.admin_addr).await?;
+        let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+        let (hbone_addr, readiness_addr, admin_addr) = (
+            local(&hbone, settings.hbone_addr),
+            local(&readiness, settings.readiness_addr),
+            local(&admin, settings.admin_addr),
+        );
+        let config = ConfigStore::new(config_path, snapshot);
+        let drain = Drain::new();
+        let upstream = upstream::Upstream::new(tls.clone());
+        let ctx = Arc::new(Ctx {
+            config: config.clone(),
+            tls: tls.clone(),
+            upstream,
+            drain: drain.clone(),
+        });
+
+        tokio::spawn(config.watch(drain.token()));
+        tokio::spawn(tls.clone().watch(settings.watch_interval, drain.token()));
+        drain.spawn(hbone::server::serve(hbone, ctx.clone()));
+        tokio::spawn(admin::serve(readiness, ctx.clone(), admin::Role::Readiness));
+        tokio::spawn(admin::serve(admin, ctx.clone(), admin::Role::Admin));
+        tracing::info!(%hbone_addr, %readiness_addr, %admin_addr, identity = ?tls.current().material.identity, "waypoint ready");
+        Ok(App {
+            hbone_addr,
+            readiness_addr,
+            admin_addr,
+            drain_timeout: settings.drain_timeout,
+            ctx,
+        })
+    }
+
+    /// Begin a graceful drain (what SIGTERM does): readiness turns 503, listeners stop accepting, every HBONE
+    /// connection gets GOAWAY, in-flight requests continue.
+    pub fn drain(&self) {
+        if !self.ctx.drain.is_draining() {
+            tracing::info!(timeout = ?self.drain_timeout, "drain started");
+        }
+        self.ctx.drain.start();
+    }
+
+    /// Resolves when the waypoint has stopped: after a drain, once in-flight work finished or the drain timeout
+    /// passed. Returns whether everything finished in time.
+    pub async fn wait(self) -> bool {
+        self.ctx.drain.signaled().await;
+        let clean = self.ctx.drain.wait(self.drain_timeout).await;
+        if clean {
+            tracing::info!("drain complete");
+        } else {
+            tracing::warn!(
+                still_active = self.ctx.drain.active(),
+                "drain timeout passed; closing what is left"
+            );
+        }
+        clean
+    }
+
+    /// The live config store (tests and the admin endpoint read it).
+    pub fn config(&self) -> &Arc<ConfigStore> {
+        &self.ctx.config
+    }
+}

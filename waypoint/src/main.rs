@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    waypoint::cli_main(std::env::args_os().collect())
+}

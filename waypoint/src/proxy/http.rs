@@ -1,0 +1,331 @@
+//! HTTP inside a tunnel: a hyper server on the tunnel's bytes, each request proxied to an endpoint of the
+//! tunnel's destination service.
+//!
+//! The service binding is looked up again for every request (one atomic load and a hash probe), so a config
+//! swap applies to requests on tunnels that are already open. Bodies stream both ways as hyper frames (trailers
+//! included, which gRPC needs) and are never collected.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::Ctx;
+use super::error::ProxyError;
+use crate::config::PortProtocol;
+use crate::hbone::server::Peer;
+use crate::upstream::http_pool::{Body, BoxError, Protocol};
+
+/// What every request in one tunnel shares.
+pub struct TunnelInfo {
+    pub peer: Arc<Peer>,
+    /// The CONNECT authority: the service VIP:port the client addressed.
+    pub vip: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Downstream {
+    Http1,
+    Http2,
+}
+
+pub async fn serve<IO>(ctx: Arc<Ctx>, tunnel: Arc<TunnelInfo>, io: IO, downstream: Downstream)
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let svc_ctx = ctx.clone();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let ctx = svc_ctx.clone();
+        let tunnel = tunnel.clone();
+        async move { Ok::<_, Infallible>(handle(ctx, tunnel, req).await) }
+    });
+    let io = TokioIo::new(io);
+    let result = match downstream {
+        Downstream::Http1 => {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(io, svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = ctx.drain.signaled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        Downstream::Http2 => {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(crate::hbone::STREAM_WINDOW)
+                .initial_connection_window_size(crate::hbone::CONNECTION_WINDOW)
+                .max_concurrent_streams(1000)
+                .serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = ctx.drain.signaled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
+    }
+}
+
+async fn handle(ctx: Arc<Ctx>, tunnel: Arc<TunnelInfo>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    match proxy(&ctx, &tunnel, req).await {
+        Ok(resp) => {
+            tracing::debug!(target: "access", %method, %path, status = resp.status().as_u16(), peer = %tunnel.peer.identity, vip = %tunnel.vip, flags = "-");
+            resp
+        }
+        Err(e) => {
+            tracing::info!(target: "access", %method, %path, status = e.status().as_u16(), flags = e.flag(), reason = %e, peer = %tunnel.peer.identity, vip = %tunnel.vip);
+            local_reply(&e)
+        }
+    }
+}
+
+pub fn local_reply(e: &ProxyError) -> Response<Body> {
+    let mut resp = Response::new(full(e.body()));
+    *resp.status_mut() = e.status();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+fn full(s: &'static str) -> Body {
+    Full::new(Bytes::from_static(s.as_bytes()))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+async fn proxy(ctx: &Ctx, tunnel: &TunnelInfo, mut req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    let binding = {
+        let snap = ctx.config.guard();
+        snap.service(&tunnel.vip)
+            .cloned()
+            .ok_or_else(|| ProxyError::NoRoute(tunnel.vip.to_string()))?
+    };
+    let ep = binding.backend.pick().cloned().ok_or_else(|| {
+        ProxyError::NoHealthyUpstream(format!("{}/{}:{}", binding.namespace, binding.name, binding.vip.port()))
+    })?;
+    let proto = match binding.protocol {
+        PortProtocol::Http2 => Protocol::Http2,
+        PortProtocol::Http => Protocol::Http1,
+        PortProtocol::Detect | PortProtocol::Tcp => {
+            if req.version() == Version::HTTP_2 {
+                Protocol::Http2
+            } else {
+                Protocol::Http1
+            }
+        }
+    };
+    let upgrade = upgrade_protocol(&req);
+    let downstream_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(proto_name) = &upgrade {
+        if proto == Protocol::Http1 {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, proto_name.clone());
+        }
+    }
+    if !parts.headers.contains_key(X_REQUEST_ID) {
+        parts.headers.insert(X_REQUEST_ID, request_id());
+    }
+    if !parts.headers.contains_key(X_FORWARDED_PROTO) {
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| binding.hostname.to_string());
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    match proto {
+        Protocol::Http1 => {
+            parts.version = Version::HTTP_11;
+            parts.uri = Uri::try_from(path_and_query).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+            if !parts.headers.contains_key(header::HOST) {
+                let host = HeaderValue::try_from(authority).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+        Protocol::Http2 => {
+            parts.version = Version::HTTP_2;
+            parts.uri = Uri::builder()
+                .scheme("http")
+                .authority(authority)
+                .path_and_query(path_and_query)
+                .build()
+                .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+            parts.headers.remove(header::HOST);
+        }
+    }
+    let upstream_req = Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed());
+    let mut resp = ctx.upstream.http.send(&ctx.upstream, &ep, proto, upstream_req).await?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(down) = downstream_upgrade {
+            let up = hyper::upgrade::on(&mut resp);
+            tokio::spawn(splice_upgrade(down, up));
+        }
+    } else {
+        strip_hop_by_hop(resp.headers_mut());
+    }
+    Ok(resp)
+}
+
+/// After a 101, both sides become raw byte streams (WebSocket and other HTTP/1.1 upgrades).
+async fn splice_upgrade(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut down = TokioIo::new(down);
+    let mut up = TokioIo::new(up);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    }
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The request's `Upgrade` protocol when it asks for one (HTTP/1.1 only; HTTP/2 has no such mechanism).
+fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 && req.version() != Version::HTTP_10 {
+        return None;
+    }
+    let wants = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if wants {
+        req.headers().get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// RFC 9110 §7.6.1: connection-specific headers, plus any header the `Connection` header names, end at this hop.
+/// `te: trailers` survives: gRPC servers require it and it is the one TE value HTTP/2 allows.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TRAILER,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// A random UUIDv4, the format Envoy uses for `x-request-id`.
+fn request_id() -> HeaderValue {
+    let a = fastrand::u64(..);
+    let b = fastrand::u64(..);
+    let s = format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0x0fff,
+        ((b >> 48) & 0x3fff) | 0x8000,
+        b & 0xffff_ffff_ffff
+    );
+    HeaderValue::try_from(s).unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-4000-8000-000000000000"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-custom-hop"));
+        h.insert("x-custom-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get("x-custom-hop").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::TRANSFER_ENCODING).is_none());
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get("x-end-to-end").unwrap(), "kept");
+    }
+
+    #[test]
+    fn request_ids_are_uuid_v4_and_distinct() {
+        let a = request_id();
+        let b = request_id();
+        assert_ne!(a, b);
+        let s = a.to_str().unwrap();
+        let parts: Vec<&str> = s.split('-').collect();
+        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), vec![8, 4, 4, 4, 12]);
+        assert!(parts[2].starts_with('4'));
+        assert!(matches!(parts[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'));
+    }
+}

@@ -1,0 +1,23 @@
+//! The data path inside a tunnel: CONNECT phases ([`tunnel`]), protocol detection ([`sniff`]), HTTP proxying
+//! ([`http`]) and opaque TCP ([`tcp`]); failures map to status + response flag in one place ([`error`]).
+
+pub mod error;
+pub mod http;
+pub mod sniff;
+pub mod tcp;
+pub mod tunnel;
+
+use std::sync::Arc;
+
+use crate::config::watch::ConfigStore;
+use crate::drain::Drain;
+use crate::tls::reload::TlsStore;
+use crate::upstream::Upstream;
+
+/// Everything the data path shares. Built once at start-up.
+pub struct Ctx {
+    pub config: Arc<ConfigStore>,
+    pub tls: Arc<TlsStore>,
+    pub upstream: Arc<Upstream>,
+    pub drain: Drain,
+}
