@@ -110,10 +110,10 @@ pub fn parse_config(file: &str, base_dir: &Path, text: &str, generation: u64) ->
     cx.doc = 0;
     cx.object = None;
     let snapshot = compile(&mut cx, base_dir, objects, generation);
-    if cx.errors.is_empty() {
-        if let Some(s) = snapshot {
-            return Ok(s);
-        }
+    if cx.errors.is_empty()
+        && let Some(s) = snapshot
+    {
+        return Ok(s);
     }
     let mut errors = cx.errors;
     errors.sort_by_key(|e| e.document);
@@ -576,11 +576,11 @@ fn service_bindings(
         let Some(svc_port) = port_or_error(cx, &format!("spec.ports[{pi}].port"), port.port) else {
             continue;
         };
-        if let Some(p) = &port.protocol {
-            if !p.eq_ignore_ascii_case("TCP") {
-                // UDP/SCTP never reach a waypoint: HBONE carries TCP only.
-                continue;
-            }
+        if let Some(p) = &port.protocol
+            && !p.eq_ignore_ascii_case("TCP")
+        {
+            // UDP/SCTP never reach a waypoint: HBONE carries TCP only.
+            continue;
         }
         let target = match &port.target_port {
             None => IntOrString::Int(svc_port.into()),

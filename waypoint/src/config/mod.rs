@@ -69,10 +69,10 @@ pub enum PortProtocol {
 impl PortProtocol {
     /// Istio's protocol selection: `appProtocol` first, then the port name prefix before the first `-`.
     pub fn from_port(app_protocol: Option<&str>, name: Option<&str>) -> PortProtocol {
-        if let Some(p) = app_protocol {
-            if let Some(proto) = Self::from_word(&p.to_ascii_lowercase()) {
-                return proto;
-            }
+        if let Some(p) = app_protocol
+            && let Some(proto) = Self::from_word(&p.to_ascii_lowercase())
+        {
+            return proto;
         }
         if let Some(n) = name {
             let n = n.to_ascii_lowercase();

@@ -137,13 +137,13 @@ async fn proxy(ctx: &Ctx, tunnel: &TunnelInfo, mut req: Request<Incoming>) -> Re
     let downstream_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if let Some(proto_name) = &upgrade {
-        if proto == Protocol::Http1 {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, proto_name.clone());
-        }
+    if let Some(proto_name) = &upgrade
+        && proto == Protocol::Http1
+    {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, proto_name.clone());
     }
     if !parts.headers.contains_key(X_REQUEST_ID) {
         parts.headers.insert(X_REQUEST_ID, request_id());

@@ -289,7 +289,7 @@ impl ServerCertVerifier for IdentityVerifier {
             self.provider.signature_verification_algorithms.all,
         )?;
         let sans = san_uris(end_entity).map_err(other)?;
-        if !sans.iter().any(|s| *s == self.expected) {
+        if !sans.contains(&self.expected) {
             return Err(other(PeerIdentityError::IdentityMismatch {
                 expected: self.expected.clone(),
                 sans,

@@ -34,10 +34,10 @@ impl TlsState {
     }
 
     pub fn client_config(&self, expected: &SpiffeId) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-        if let Ok(cache) = self.clients.lock() {
-            if let Some(c) = cache.get(expected) {
-                return Ok(c.clone());
-            }
+        if let Ok(cache) = self.clients.lock()
+            && let Some(c) = cache.get(expected)
+        {
+            return Ok(c.clone());
         }
         let cfg = self.material.client_config(expected)?;
         if let Ok(mut cache) = self.clients.lock() {

@@ -271,10 +271,10 @@ impl HttpBody for ReturnOnEnd {
             }
             Poll::Ready(Some(Err(_))) => this.ret = None,
             _ => {
-                if this.inner.is_end_stream() {
-                    if let Some(r) = this.ret.take() {
-                        r.put_back();
-                    }
+                if this.inner.is_end_stream()
+                    && let Some(r) = this.ret.take()
+                {
+                    r.put_back();
                 }
             }
         }
@@ -293,10 +293,10 @@ impl HttpBody for ReturnOnEnd {
 impl Drop for ReturnOnEnd {
     fn drop(&mut self) {
         // hyper does not poll a body that already reports its end (empty bodies, HEAD, 204, 304).
-        if self.inner.is_end_stream() {
-            if let Some(r) = self.ret.take() {
-                r.put_back();
-            }
+        if self.inner.is_end_stream()
+            && let Some(r) = self.ret.take()
+        {
+            r.put_back();
         }
     }
 }

@@ -1,0 +1,10 @@
+pub mod cli;
+pub mod client;
+pub mod dest_ztunnel;
+pub mod echo;
+pub mod envoy;
+pub mod hbone;
+pub mod mesh;
+pub mod net;
+pub mod pki;
+pub mod source_ztunnel;
