@@ -145,7 +145,7 @@ async fn demo(example: &Path, once: bool) -> anyhow::Result<()> {
                     .header("content-type", "application/grpc")
                     .header("te", "trailers")
                     .body(client::body(Bytes::from_static(b"\0\0\0\0\x05hello")))?;
-                let reply = client::collect(send.send_request(req).await?).await?;
+                let reply = client::send2(&mut send, req).await?;
                 let status = reply
                     .trailers
                     .as_ref()
@@ -231,20 +231,20 @@ async fn start_peers(snapshot: &Snapshot, ca: &TestCa) -> anyhow::Result<Peers> 
                     peers._echo.push(EchoServer::start(cfg).await?);
                 }
             }
-            if let Some(hbone) = ep.hbone {
-                if started.insert(hbone) {
-                    let IpAddr::V4(ip) = hbone.ip() else {
-                        bail!("the demo's ztunnel stand-in needs IPv4 pod IPs")
-                    };
-                    let leaf = ca.issue(
-                        ep.identity.namespace(),
-                        ep.identity.service_account(),
-                        KeyKind::EcdsaP256,
-                    )?;
-                    let mut cfg = DestZtunnelConfig::new(ip, ca.trust_domain(), leaf, ca.root_pem());
-                    cfg.hbone_port = hbone.port();
-                    peers._ztunnels.push(DestZtunnel::start(cfg).await?);
-                }
+            if let Some(hbone) = ep.hbone
+                && started.insert(hbone)
+            {
+                let IpAddr::V4(ip) = hbone.ip() else {
+                    bail!("the demo's ztunnel stand-in needs IPv4 pod IPs")
+                };
+                let leaf = ca.issue(
+                    ep.identity.namespace(),
+                    ep.identity.service_account(),
+                    KeyKind::EcdsaP256,
+                )?;
+                let mut cfg = DestZtunnelConfig::new(ip, ca.trust_domain(), leaf, ca.root_pem());
+                cfg.hbone_port = hbone.port();
+                peers._ztunnels.push(DestZtunnel::start(cfg).await?);
             }
         }
     }

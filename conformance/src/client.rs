@@ -106,3 +106,18 @@ pub async fn get(source: &SourceZtunnel, authority: &str, host: &str, path: &str
     let req = Request::get(path).header(http::header::HOST, host).body(empty())?;
     request(source, authority, req).await
 }
+
+/// Send on a kept-alive HTTP/1.1 connection: waits until the previous exchange has finished (hyper refuses a
+/// request on a connection that is not ready yet) and reads the response to the end.
+pub async fn send1(send: &mut http1::SendRequest<Body>, req: Request<Body>) -> Result<Reply, ClientError> {
+    send.ready().await?;
+    let resp = send.send_request(req).await?;
+    collect(resp).await
+}
+
+/// Send on an h2c connection and read the response to the end.
+pub async fn send2(send: &mut http2::SendRequest<Body>, req: Request<Body>) -> Result<Reply, ClientError> {
+    send.ready().await?;
+    let resp = send.send_request(req).await?;
+    collect(resp).await
+}

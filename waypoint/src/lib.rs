@@ -125,4 +125,9 @@ impl App {
     pub fn config(&self) -> &Arc<ConfigStore> {
         &self.ctx.config
     }
+
+    /// The live certificate store.
+    pub fn tls(&self) -> &Arc<TlsStore> {
+        &self.ctx.tls
+    }
 }

@@ -19,12 +19,16 @@ pub struct ConfigStore {
     current: ArcSwap<Snapshot>,
     rejected: AtomicU64,
     last_error: std::sync::Mutex<Option<String>>,
+    /// (generation applied, rejected edits so far): lets tests and tooling wait for a reload to land.
+    changes: tokio::sync::watch::Sender<(u64, u64)>,
 }
 
 impl ConfigStore {
     pub fn new(path: PathBuf, initial: Snapshot) -> Arc<Self> {
+        let generation = initial.generation;
         Arc::new(ConfigStore {
             path,
+            changes: tokio::sync::watch::Sender::new((generation, 0)),
             current: ArcSwap::from_pointee(initial),
             rejected: AtomicU64::new(0),
             last_error: std::sync::Mutex::new(None),
@@ -38,6 +42,11 @@ impl ConfigStore {
     /// Cheap per-request access (no refcount traffic).
     pub fn guard(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.current.load()
+    }
+
+    /// Notified after every applied or rejected edit with (generation, rejected count).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<(u64, u64)> {
+        self.changes.subscribe()
     }
 
     pub fn rejected_count(&self) -> u64 {
@@ -70,7 +79,9 @@ impl ConfigStore {
                     services = next.services.len(),
                     "config applied"
                 );
+                let generation = next.generation;
                 self.current.store(Arc::new(next));
+                self.changes.send_modify(|c| c.0 = generation);
                 if let Ok(mut e) = self.last_error.lock() {
                     *e = None;
                 }
@@ -84,6 +95,8 @@ impl ConfigStore {
                 if let Ok(mut e) = self.last_error.lock() {
                     *e = Some(errors.to_string());
                 }
+                let rejected = self.rejected_count();
+                self.changes.send_modify(|c| c.1 = rejected);
                 false
             }
         }

@@ -51,6 +51,8 @@ pub struct TlsStore {
     paths: TlsPaths,
     trust_domain: String,
     current: ArcSwap<TlsState>,
+    /// Rotations applied so far: lets tests and tooling wait for a rotation to land.
+    rotations: tokio::sync::watch::Sender<u64>,
 }
 
 impl TlsStore {
@@ -60,7 +62,12 @@ impl TlsStore {
             paths,
             trust_domain,
             current: ArcSwap::from_pointee(state),
+            rotations: tokio::sync::watch::Sender::new(0),
         }))
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.rotations.subscribe()
     }
 
     pub fn current(&self) -> Arc<TlsState> {
@@ -90,6 +97,7 @@ impl TlsStore {
                 Ok(state) => {
                     tracing::info!(identity = ?state.material.identity, "certificates rotated; new connections use them");
                     self.current.store(Arc::new(state));
+                    self.rotations.send_modify(|n| *n += 1);
                 }
                 Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the previous certificate"),
             }
