@@ -1,4 +1,5 @@
 //! `waypoint-conformance demo`: the waypoint on the example config with every peer it needs, on loopback.
+//! `waypoint-conformance run`: the Gateway API conformance runner (see [`crate::runner`]).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -16,6 +17,7 @@ use crate::client;
 use crate::dest_ztunnel::{DestZtunnel, DestZtunnelConfig, DestZtunnelHandle};
 use crate::echo::{EchoConfig, EchoFormat, EchoHandle, EchoServer, TcpEcho, TcpEchoHandle};
 use crate::pki::{KeyKind, TestCa};
+use crate::runner;
 use crate::source_ztunnel::{SourceZtunnel, SourceZtunnelConfig};
 use waypoint::config::{PortProtocol, Snapshot};
 
@@ -39,6 +41,24 @@ enum Command {
         /// Exit after the scripted requests instead of waiting for Ctrl-C.
         #[arg(long)]
         once: bool,
+    },
+    /// Run a conformance case file (format gateway-api-conformance-cases/1) against the waypoint.
+    Run {
+        /// The case file.
+        #[arg(long)]
+        cases: PathBuf,
+        /// The directory the case file's manifest paths are relative to.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Where to write the JSON report.
+        #[arg(long, default_value = runner::DEFAULT_REPORT)]
+        report: PathBuf,
+        /// Run only this test (repeatable).
+        #[arg(long = "only", value_name = "NAME")]
+        only: Vec<String>,
+        /// Override MaxTimeToConsistency (seconds; upstream: 30).
+        #[arg(long, value_name = "SECONDS")]
+        consistency_timeout: Option<f64>,
     },
 }
 
@@ -67,15 +87,45 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Demo { config, once } => rt.block_on(demo(&config, once)),
+        Command::Demo { config, once } => rt.block_on(demo(&config, once)).map(|()| ExitCode::SUCCESS),
+        Command::Run {
+            cases,
+            manifests,
+            report,
+            only,
+            consistency_timeout,
+        } => {
+            let mut options = runner::RunOptions::new(cases, manifests);
+            options.only = only;
+            options.progress = true;
+            if let Some(seconds) = consistency_timeout {
+                options.settings.consistency.timeout = std::time::Duration::from_secs_f64(seconds.max(0.0));
+            }
+            rt.block_on(run(&options, &report))
+        }
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs the case file; the per-test lines are printed as tests finish, then the closing line. Exit code 1
+/// when any test failed.
+async fn run(options: &runner::RunOptions, report_path: &Path) -> anyhow::Result<ExitCode> {
+    let report = runner::run(options).await?;
+    report
+        .write_json(report_path)
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    println!("{}", report.summary_line());
+    Ok(if report.failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Everything the demo started; dropped at the end.

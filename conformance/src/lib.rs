@@ -7,4 +7,5 @@ pub mod hbone;
 pub mod mesh;
 pub mod net;
 pub mod pki;
+pub mod runner;
 pub mod source_ztunnel;

@@ -74,11 +74,13 @@ impl App {
         let config = ConfigStore::new(config_path, snapshot);
         let drain = Drain::new();
         let upstream = upstream::Upstream::new(tls.clone());
+        let http_stack = proxy::l7::stack(upstream.clone());
         let ctx = Arc::new(Ctx {
             config: config.clone(),
             tls: tls.clone(),
             upstream,
             drain: drain.clone(),
+            http_stack,
         });
 
         tokio::spawn(config.watch(drain.token()));

@@ -13,8 +13,13 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
+use waypoint_filters::route::{BackendId, Route, RouteTable};
+
+use super::gateway_api::{self as gw, BackendResolver, Grants, TranslateCx};
 use super::k8s::{self, IntOrString};
-use super::{Backend, Endpoint, PortProtocol, ServiceBinding, Settings, Snapshot, TlsPaths, duration};
+use super::{
+    Backend, BindingKind, Endpoint, PortProtocol, RouteSet, ServiceBinding, Settings, Snapshot, TlsPaths, duration,
+};
 use crate::identity::SpiffeId;
 
 /// One problem in one document.
@@ -188,6 +193,11 @@ struct Objects {
     services: Vec<(Origin, k8s::Service)>,
     pods: Vec<(Origin, k8s::Pod)>,
     workload_entries: Vec<(Origin, k8s::WorkloadEntry)>,
+    namespaces: Vec<(Origin, gw::Namespace)>,
+    gateways: Vec<(Origin, gw::Gateway)>,
+    http_routes: Vec<(Origin, gw::HttpRoute)>,
+    grpc_routes: Vec<(Origin, gw::GrpcRoute)>,
+    grants: Vec<(Origin, gw::ReferenceGrant)>,
     skipped: Vec<String>,
 }
 
@@ -236,6 +246,11 @@ impl Objects {
             ("", "Pod") => push(cx, &mut self.pods, origin, value),
             ("networking.istio.io", "WorkloadEntry") => push(cx, &mut self.workload_entries, origin, value),
             ("waypoint.istio.io", "WaypointConfig") => push(cx, &mut self.waypoint, origin, value),
+            ("", "Namespace") => push(cx, &mut self.namespaces, origin, value),
+            ("gateway.networking.k8s.io", "Gateway") => push(cx, &mut self.gateways, origin, value),
+            ("gateway.networking.k8s.io", "HTTPRoute") => push(cx, &mut self.http_routes, origin, value),
+            ("gateway.networking.k8s.io", "GRPCRoute") => push(cx, &mut self.grpc_routes, origin, value),
+            ("gateway.networking.k8s.io", "ReferenceGrant") => push(cx, &mut self.grants, origin, value),
             _ => {
                 tracing::warn!(file = cx.file, document = cx.doc, %api_version, %kind, %name, "kind not supported by this waypoint; skipped");
                 self.skipped.push(format!("{api_version}/{kind} {ns}/{name}"));
@@ -278,28 +293,329 @@ fn compile(cx: &mut Ctx<'_>, base_dir: &Path, objects: Objects, generation: u64)
     };
     let settings = settings?;
     let workloads = workloads(cx, &settings, &objects);
+
+    // Every Service port becomes a backend first: bindings, routes and mirrors all refer to them by id.
+    let mut index = BackendIndex::default();
+    let mut ports_of_service: Vec<Vec<(SvcPort, BackendId)>> = Vec::new();
+    for (origin, svc) in &objects.services {
+        let ports = with_origin(cx, origin, |cx| {
+            service_ports(cx, &settings, svc, &workloads, &mut index)
+        });
+        ports_of_service.push(ports);
+    }
+
+    let routes = with_routes(cx, &objects, &index);
+
     let mut services: HashMap<SocketAddr, Arc<ServiceBinding>> = HashMap::new();
     let mut owners: HashMap<SocketAddr, String> = HashMap::new();
-    for (origin, svc) in &objects.services {
+    let mut bind = |cx: &mut Ctx<'_>, origin: &Origin, binding: ServiceBinding| {
+        let vip = binding.vip;
+        if let Some(owner) = owners.get(&vip) {
+            cx.error(None, format!("address {vip} is already bound by {owner}"));
+            return;
+        }
+        owners.insert(vip, origin.object.clone());
+        services.insert(vip, Arc::new(binding));
+    };
+    for ((origin, svc), ports) in objects.services.iter().zip(&ports_of_service) {
         with_origin(cx, origin, |cx| {
-            for binding in service_bindings(cx, &settings, svc, &workloads) {
-                let vip = binding.vip;
-                if let Some(owner) = owners.get(&vip) {
-                    cx.error(None, format!("address {vip} is already bound by {owner}"));
-                    continue;
+            let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+            let vips = service_vips(cx, svc);
+            if vips.is_empty() {
+                tracing::warn!(service = %format!("{ns}/{}", svc.metadata.name), "service has no cluster IP; nothing can address it through the waypoint");
+            }
+            for (port, id) in ports {
+                let set = routes.for_service(ns, &svc.metadata.name, port.port);
+                for vip in &vips {
+                    let binding = ServiceBinding {
+                        kind: BindingKind::Service,
+                        name: svc.metadata.name.as_str().into(),
+                        namespace: ns.into(),
+                        hostname: format!("{}.{ns}.svc.{}", svc.metadata.name, settings.cluster_domain).into(),
+                        vip: SocketAddr::new(*vip, port.port),
+                        port_name: port.name.clone(),
+                        protocol: port.protocol,
+                        backend: index.backends[id.0].clone(),
+                        routes: set.clone(),
+                    };
+                    bind(cx, origin, binding);
                 }
-                owners.insert(vip, origin.object.clone());
-                services.insert(vip, Arc::new(binding));
             }
         });
     }
+    for (origin, gateway) in &objects.gateways {
+        with_origin(cx, origin, |cx| {
+            for binding in gateway_bindings(cx, gateway, &routes) {
+                bind(cx, origin, binding);
+            }
+        });
+    }
+    let workload_map = workloads
+        .iter()
+        .map(|w| {
+            let ep = Arc::new(Endpoint {
+                addr: SocketAddr::new(w.ip, 0),
+                hbone: w.hbone.then(|| SocketAddr::new(w.ip, settings.destination_hbone_port)),
+                identity: w.identity.clone(),
+                workload: w.name.clone(),
+                namespace: w.namespace.clone(),
+                labels: w.labels.clone(),
+            });
+            (w.ip, ep)
+        })
+        .collect();
     Some(Snapshot {
         generation,
         source: cx.file.to_string(),
         settings,
         services,
+        backends: index.backends,
+        workloads: workload_map,
         skipped: objects.skipped,
     })
+}
+
+/// Backends by (namespace, service, port); the resolver routes use for `backendRefs`.
+#[derive(Default)]
+struct BackendIndex {
+    backends: Vec<Arc<Backend>>,
+    by_port: HashMap<(String, String, u16), BackendId>,
+    /// Ports per service, for refs that omit the port (valid when the Service has exactly one).
+    ports: HashMap<(String, String), Vec<u16>>,
+}
+
+impl BackendResolver for BackendIndex {
+    fn backend(&self, namespace: &str, name: &str, port: Option<u16>) -> Option<BackendId> {
+        let key = (namespace.to_string(), name.to_string());
+        let port = match port {
+            Some(p) => p,
+            None => match self.ports.get(&key).map(Vec::as_slice) {
+                Some([only]) => *only,
+                _ => return None,
+            },
+        };
+        self.by_port.get(&(key.0, key.1, port)).copied()
+    }
+}
+
+/// A route attached to one Service port (`None` = every port).
+type PortRoute = (Option<u16>, Arc<Route>);
+
+/// Route tables per parent, built from every HTTPRoute and GRPCRoute.
+#[derive(Default)]
+struct Routes {
+    /// (service namespace, service name) → [(parent port or all, route namespace, route)]
+    service: HashMap<(String, String), Vec<PortRoute>>,
+    /// (gateway namespace, gateway name, listener name) → routes with hostnames narrowed to the listener.
+    listener: HashMap<(String, String, String), Vec<Arc<Route>>>,
+}
+
+impl Routes {
+    fn for_service(&self, ns: &str, name: &str, port: u16) -> Option<Arc<RouteSet>> {
+        let attached = self.service.get(&(ns.to_string(), name.to_string()))?;
+        let mut producer = Vec::new();
+        let mut consumers: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
+        for (p, route) in attached {
+            if p.is_some_and(|p| p != port) {
+                continue;
+            }
+            if route.namespace == ns {
+                producer.push(route.clone());
+            } else {
+                consumers
+                    .entry(route.namespace.clone())
+                    .or_default()
+                    .push(route.clone());
+            }
+        }
+        if producer.is_empty() && consumers.is_empty() {
+            return None;
+        }
+        Some(Arc::new(RouteSet {
+            producer: (!producer.is_empty()).then(|| Arc::new(RouteTable::new(producer))),
+            consumers: consumers
+                .into_iter()
+                .map(|(ns, r)| (ns, Arc::new(RouteTable::new(r))))
+                .collect(),
+        }))
+    }
+}
+
+fn with_routes(cx: &mut Ctx<'_>, objects: &Objects, index: &BackendIndex) -> Routes {
+    let mut grants = Grants::default();
+    for (_, g) in &objects.grants {
+        grants.add(g);
+    }
+    let tcx = TranslateCx {
+        resolver: index,
+        grants: &grants,
+    };
+    let namespace_labels: HashMap<String, BTreeMap<String, String>> = objects
+        .namespaces
+        .iter()
+        .map(|(_, n)| (n.metadata.name.clone(), n.metadata.labels.clone()))
+        .collect();
+    let mut out = Routes::default();
+    let http = objects
+        .http_routes
+        .iter()
+        .map(|(o, r)| (o, &r.metadata, &r.spec.parent_refs, Either::Http(r)));
+    let grpc = objects
+        .grpc_routes
+        .iter()
+        .map(|(o, r)| (o, &r.metadata, &r.spec.parent_refs, Either::Grpc(r)));
+    for (origin, meta, parents, route) in http.chain(grpc) {
+        with_origin(cx, origin, |cx| {
+            let compiled = match route {
+                Either::Http(r) => tcx.http_route(r, origin.doc),
+                Either::Grpc(r) => tcx.grpc_route(r, origin.doc),
+            };
+            let compiled = match compiled {
+                Ok(r) => Arc::new(r),
+                Err(e) => {
+                    cx.field_error(&e.field, e.reason);
+                    return;
+                }
+            };
+            let route_ns = meta.namespace.as_deref().unwrap_or("default");
+            for (pi, parent) in parents.iter().enumerate() {
+                let group = parent.group.as_deref().unwrap_or("gateway.networking.k8s.io");
+                let kind = parent.kind.as_deref().unwrap_or("Gateway");
+                let parent_ns = parent.namespace.clone().unwrap_or_else(|| route_ns.to_string());
+                match (group, kind) {
+                    ("" | "core", "Service") => {
+                        let port = match parent.port.map(u16::try_from) {
+                            None => None,
+                            Some(Ok(p)) if p > 0 => Some(p),
+                            Some(_) => {
+                                cx.field_error(&format!("spec.parentRefs[{pi}].port"), "must be a port 1-65535");
+                                continue;
+                            }
+                        };
+                        // GAMMA: the Service named by the HBONE authority selects the route; Host plays no part.
+                        let route = if compiled.hostnames.is_empty() {
+                            compiled.clone()
+                        } else {
+                            Arc::new(with_hostnames(&compiled, Vec::new()))
+                        };
+                        out.service
+                            .entry((parent_ns, parent.name.clone()))
+                            .or_default()
+                            .push((port, route));
+                    }
+                    ("gateway.networking.k8s.io", "Gateway") => {
+                        let Some((_, gateway)) = objects.gateways.iter().find(|(_, g)| {
+                            g.metadata.name == parent.name
+                                && g.metadata.namespace.as_deref().unwrap_or("default") == parent_ns
+                        }) else {
+                            tracing::warn!(route = %origin.object, gateway = %format!("{parent_ns}/{}", parent.name), "parent Gateway not found; route not attached");
+                            continue;
+                        };
+                        for listener in gw::selected_listeners(gateway, parent, route_ns, &namespace_labels) {
+                            let Some(hostnames) = gw::effective_hostnames(listener, &compiled.hostnames) else {
+                                continue;
+                            };
+                            let narrowed = if hostnames == compiled.hostnames {
+                                compiled.clone()
+                            } else {
+                                Arc::new(with_hostnames(&compiled, hostnames))
+                            };
+                            out.listener
+                                .entry((parent_ns.clone(), parent.name.clone(), listener.name.clone()))
+                                .or_default()
+                                .push(narrowed);
+                        }
+                    }
+                    _ => tracing::warn!(route = %origin.object, %group, %kind, "unsupported parentRef kind; ignored"),
+                }
+            }
+        });
+    }
+    out
+}
+
+fn with_hostnames(route: &Route, hostnames: Vec<String>) -> Route {
+    Route {
+        kind: route.kind,
+        namespace: route.namespace.clone(),
+        name: route.name.clone(),
+        creation_timestamp: route.creation_timestamp.clone(),
+        source_order: route.source_order,
+        hostnames,
+        rules: route.rules.clone(),
+    }
+}
+
+enum Either<'a> {
+    Http(&'a gw::HttpRoute),
+    Grpc(&'a gw::GrpcRoute),
+}
+
+/// One binding per (Gateway address, listener port); listeners sharing a port share a table, told apart by the
+/// route hostnames (each route's hostnames were narrowed to its listener's).
+fn gateway_bindings(cx: &mut Ctx<'_>, gateway: &gw::Gateway, routes: &Routes) -> Vec<ServiceBinding> {
+    let ns = gateway.metadata.namespace.as_deref().unwrap_or("default");
+    let mut addrs = Vec::new();
+    for (i, a) in gateway.spec.addresses.iter().enumerate() {
+        if a.kind.as_deref().is_some_and(|k| k != "IPAddress") {
+            continue;
+        }
+        match a.value.parse::<IpAddr>() {
+            Ok(ip) => addrs.push(ip),
+            Err(_) => cx.field_error(
+                &format!("spec.addresses[{i}].value"),
+                format!("{:?} is not an IP address", a.value),
+            ),
+        }
+    }
+    let mut by_port: BTreeMap<u16, Vec<Arc<Route>>> = BTreeMap::new();
+    for (li, l) in gateway.spec.listeners.iter().enumerate() {
+        let Some(port) = port_or_error(cx, &format!("spec.listeners[{li}].port"), l.port) else {
+            continue;
+        };
+        if !matches!(l.protocol.as_str(), "HTTP" | "HBONE") {
+            tracing::warn!(gateway = %format!("{ns}/{}", gateway.metadata.name), listener = %l.name, protocol = %l.protocol, "listener protocol not served by a waypoint (no TLS termination); skipped");
+            continue;
+        }
+        if l.protocol == "HBONE" {
+            continue;
+        }
+        let attached = routes
+            .listener
+            .get(&(ns.to_string(), gateway.metadata.name.clone(), l.name.clone()));
+        by_port
+            .entry(port)
+            .or_default()
+            .extend(attached.into_iter().flatten().cloned());
+    }
+    let empty_backend = Arc::new(Backend::new(
+        gateway.metadata.name.as_str().into(),
+        ns.into(),
+        0,
+        PortProtocol::Http,
+        Vec::new(),
+    ));
+    let mut out = Vec::new();
+    for (port, list) in by_port {
+        let set = Arc::new(RouteSet {
+            producer: Some(Arc::new(RouteTable::new(list))),
+            consumers: HashMap::new(),
+        });
+        for ip in &addrs {
+            out.push(ServiceBinding {
+                kind: BindingKind::GatewayListener,
+                name: gateway.metadata.name.as_str().into(),
+                namespace: ns.into(),
+                hostname: gateway.metadata.name.as_str().into(),
+                vip: SocketAddr::new(*ip, port),
+                port_name: None,
+                protocol: PortProtocol::Http,
+                backend: empty_backend.clone(),
+                routes: Some(set.clone()),
+            });
+        }
+    }
+    out
 }
 
 fn parse_duration_field(cx: &mut Ctx<'_>, field: &str, v: Option<&str>, default: Duration) -> Duration {
@@ -530,15 +846,14 @@ fn workloads(cx: &mut Ctx<'_>, settings: &Settings, objects: &Objects) -> Vec<Wo
     out
 }
 
-fn service_bindings(
-    cx: &mut Ctx<'_>,
-    settings: &Settings,
-    svc: &k8s::Service,
-    workloads: &[Workload],
-) -> Vec<ServiceBinding> {
-    let ns: Arc<str> = svc.metadata.namespace.as_deref().unwrap_or("default").into();
-    let name: Arc<str> = svc.metadata.name.as_str().into();
-    let hostname: Arc<str> = format!("{name}.{ns}.svc.{}", settings.cluster_domain).into();
+/// One Service port, as bindings need it.
+struct SvcPort {
+    name: Option<String>,
+    port: u16,
+    protocol: PortProtocol,
+}
+
+fn service_vips(cx: &mut Ctx<'_>, svc: &k8s::Service) -> Vec<IpAddr> {
     let mut vips: Vec<IpAddr> = Vec::new();
     let mut ip_strings: Vec<(String, &str)> = Vec::new();
     if let Some(ip) = &svc.spec.cluster_ip {
@@ -557,10 +872,19 @@ fn service_bindings(
             Err(_) => cx.field_error(&field, format!("{s:?} is not an IP address")),
         }
     }
-    if vips.is_empty() {
-        tracing::warn!(service = %format!("{ns}/{name}"), "service has no cluster IP; nothing can address it through the waypoint");
-        return Vec::new();
-    }
+    vips
+}
+
+/// Resolve every port of a Service to its endpoints and register each as a backend.
+fn service_ports(
+    cx: &mut Ctx<'_>,
+    settings: &Settings,
+    svc: &k8s::Service,
+    workloads: &[Workload],
+    index: &mut BackendIndex,
+) -> Vec<(SvcPort, BackendId)> {
+    let ns: Arc<str> = svc.metadata.namespace.as_deref().unwrap_or("default").into();
+    let name: Arc<str> = svc.metadata.name.as_str().into();
     let selector = svc.spec.selector.clone().unwrap_or_default();
     let selected: Vec<&Workload> = if selector.is_empty() {
         // Without a selector Kubernetes expects manually managed endpoints, which this file format has no kind for.
@@ -623,19 +947,29 @@ fn service_bindings(
                 labels: w.labels.clone(),
             }));
         }
-        let backend = Arc::new(Backend::new(name.clone(), ns.clone(), svc_port, endpoints));
         let protocol = PortProtocol::from_port(port.app_protocol.as_deref(), port.name.as_deref());
-        for vip in &vips {
-            out.push(ServiceBinding {
-                name: name.clone(),
-                namespace: ns.clone(),
-                hostname: hostname.clone(),
-                vip: SocketAddr::new(*vip, svc_port),
-                port_name: port.name.clone(),
+        let id = BackendId(index.backends.len());
+        index.backends.push(Arc::new(Backend::new(
+            name.clone(),
+            ns.clone(),
+            svc_port,
+            protocol,
+            endpoints,
+        )));
+        index.by_port.insert((ns.to_string(), name.to_string(), svc_port), id);
+        index
+            .ports
+            .entry((ns.to_string(), name.to_string()))
+            .or_default()
+            .push(svc_port);
+        out.push((
+            SvcPort {
+                name: port.name.clone(),
+                port: svc_port,
                 protocol,
-                backend: backend.clone(),
-            });
-        }
+            },
+            id,
+        ));
     }
     out
 }

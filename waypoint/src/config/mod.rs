@@ -5,18 +5,20 @@
 //! path pays one atomic load (`ArcSwap::load`) and hash lookups, never parsing or selector matching.
 
 pub mod duration;
+pub mod gateway_api;
 pub mod k8s;
 pub mod load;
 pub mod watch;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
+use waypoint_filters::route::{BackendId, RouteTable};
 
 use crate::identity::SpiffeId;
 
@@ -116,17 +118,26 @@ pub struct Backend {
     pub service: Arc<str>,
     pub namespace: Arc<str>,
     pub port: u16,
+    /// How to talk to the endpoints (the backend Service port's declared protocol).
+    pub protocol: PortProtocol,
     pub endpoints: Vec<Arc<Endpoint>>,
     #[serde(skip)]
     cursor: AtomicUsize,
 }
 
 impl Backend {
-    pub fn new(service: Arc<str>, namespace: Arc<str>, port: u16, endpoints: Vec<Arc<Endpoint>>) -> Self {
+    pub fn new(
+        service: Arc<str>,
+        namespace: Arc<str>,
+        port: u16,
+        protocol: PortProtocol,
+        endpoints: Vec<Arc<Endpoint>>,
+    ) -> Self {
         Backend {
             service,
             namespace,
             port,
+            protocol,
             endpoints,
             cursor: AtomicUsize::new(0),
         }
@@ -142,10 +153,23 @@ impl Backend {
     }
 }
 
-/// What a CONNECT to one VIP:port resolves to.
+/// What kind of address a CONNECT authority named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BindingKind {
+    /// A Service VIP:port (service-addressed traffic, the usual waypoint case).
+    Service,
+    /// A Gateway listener (`spec.addresses` × listener port): routes only, no default backend.
+    GatewayListener,
+    /// A pod or WorkloadEntry IP:port (workload-addressed traffic): straight to that endpoint.
+    Workload,
+}
+
+/// What a CONNECT to one address resolves to.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceBinding {
+    pub kind: BindingKind,
     pub name: Arc<str>,
     pub namespace: Arc<str>,
     /// `<name>.<namespace>.svc.<cluster domain>`
@@ -153,7 +177,39 @@ pub struct ServiceBinding {
     pub vip: SocketAddr,
     pub port_name: Option<String>,
     pub protocol: PortProtocol,
+    /// Where requests go when no route applies (Service: its own endpoints).
     pub backend: Arc<Backend>,
+    /// HTTPRoute / GRPCRoute rules attached to this address, if any.
+    pub routes: Option<Arc<RouteSet>>,
+}
+
+/// The route tables of one parent: the producer's (routes in the Service's namespace, or a Gateway's), and
+/// consumer tables for clients of other namespaces (GAMMA: a consumer route replaces the producer routes for
+/// clients in its own namespace).
+#[derive(Debug, Default)]
+pub struct RouteSet {
+    pub producer: Option<Arc<RouteTable>>,
+    pub consumers: HashMap<String, Arc<RouteTable>>,
+}
+
+impl RouteSet {
+    pub fn table_for(&self, client_namespace: &str) -> Option<&Arc<RouteTable>> {
+        self.consumers.get(client_namespace).or(self.producer.as_ref())
+    }
+}
+
+impl Serialize for RouteSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        fn names(t: &RouteTable) -> Vec<String> {
+            t.routes.iter().map(|r| format!("{}/{}", r.namespace, r.name)).collect()
+        }
+        let consumers: BTreeMap<&String, Vec<String>> = self.consumers.iter().map(|(ns, t)| (ns, names(t))).collect();
+        serde_json::json!({
+            "producer": self.producer.as_deref().map(names),
+            "consumers": consumers,
+        })
+        .serialize(s)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -165,6 +221,11 @@ pub struct Snapshot {
     pub settings: Settings,
     #[serde(serialize_with = "services_sorted")]
     pub services: HashMap<SocketAddr, Arc<ServiceBinding>>,
+    /// Every Service port a route or binding can send to, indexed by [`BackendId`].
+    pub backends: Vec<Arc<Backend>>,
+    /// Workload IPs, for workload-addressed CONNECTs (any port on a known pod or WorkloadEntry).
+    #[serde(skip)]
+    pub workloads: HashMap<IpAddr, Arc<Endpoint>>,
     /// Kinds present in the source that this build does not act on, reported at load.
     pub skipped: Vec<String>,
 }
@@ -180,5 +241,39 @@ fn services_sorted<S: serde::Serializer>(
 impl Snapshot {
     pub fn service(&self, addr: &SocketAddr) -> Option<&Arc<ServiceBinding>> {
         self.services.get(addr)
+    }
+
+    /// The binding for a CONNECT authority: a Service or Gateway listener address, else a workload's IP (any
+    /// port: the authority's port is the application port on that workload).
+    pub fn resolve(&self, addr: &SocketAddr) -> Option<Arc<ServiceBinding>> {
+        if let Some(b) = self.services.get(addr) {
+            return Some(b.clone());
+        }
+        let w = self.workloads.get(&addr.ip())?;
+        let ep = Arc::new(Endpoint {
+            addr: *addr,
+            ..Endpoint::clone(w)
+        });
+        Some(Arc::new(ServiceBinding {
+            kind: BindingKind::Workload,
+            name: w.workload.clone(),
+            namespace: w.namespace.clone(),
+            hostname: w.workload.clone(),
+            vip: *addr,
+            port_name: None,
+            protocol: PortProtocol::Detect,
+            backend: Arc::new(Backend::new(
+                w.workload.clone(),
+                w.namespace.clone(),
+                addr.port(),
+                PortProtocol::Detect,
+                vec![ep],
+            )),
+            routes: None,
+        }))
+    }
+
+    pub fn backend(&self, id: BackendId) -> Option<&Arc<Backend>> {
+        self.backends.get(id.0)
     }
 }

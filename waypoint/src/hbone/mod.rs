@@ -18,8 +18,17 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// ztunnel's connect timeout for HBONE and plain TCP upstreams.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// ztunnel's TCP keepalive: probe after 180 s idle, every 180 s, give up after 9 unanswered probes.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(180);
+const KEEPALIVE_PROBES: u32 = 9;
+
 /// Socket options both directions use: no Nagle (CONNECT headers and small responses must not wait) and TCP
 /// keepalive so a vanished peer is noticed even when PINGs are not flowing.
 pub fn tune_socket(s: &tokio::net::TcpStream) {
     let _ = s.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_IDLE)
+        .with_retries(KEEPALIVE_PROBES);
+    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&keepalive);
 }

@@ -6,7 +6,9 @@
 //! included, which gRPC needs) and are never collected.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,10 +19,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use waypoint_filters::context::{MirrorSink, ResponseFlag};
+
 use super::Ctx;
 use super::error::ProxyError;
-use crate::config::PortProtocol;
+use super::l7::{self, Mirrors};
+use crate::config::{Backend, PortProtocol};
 use crate::hbone::server::Peer;
+use crate::upstream::Upstream;
 use crate::upstream::http_pool::{Body, BoxError, Protocol};
 
 /// What every request in one tunnel shares.
@@ -44,7 +50,11 @@ where
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = svc_ctx.clone();
         let tunnel = tunnel.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, tunnel, req).await) }
+        // Boxed with an explicit `Send`: hyper's HTTP/2 server spawns this future, and without the coercion
+        // rustc cannot prove `Send` for every lifetime of the borrows inside (a known higher-ranked limit).
+        let fut: Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>> =
+            Box::pin(async move { Ok::<_, Infallible>(handle(ctx, tunnel, req).await) });
+        fut
     });
     let io = TokioIo::new(io);
     let result = match downstream {
@@ -85,17 +95,17 @@ where
 
 async fn handle(ctx: Arc<Ctx>, tunnel: Arc<TunnelInfo>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    match proxy(&ctx, &tunnel, req).await {
-        Ok(resp) => {
-            tracing::debug!(target: "access", %method, %path, status = resp.status().as_u16(), peer = %tunnel.peer.identity, vip = %tunnel.vip, flags = "-");
-            resp
+    let uri = req.uri().clone();
+    let resp = proxy(&ctx, &tunnel, req).await;
+    match resp.extensions().get::<ResponseFlag>() {
+        None => {
+            tracing::debug!(target: "access", %method, %uri, status = resp.status().as_u16(), peer = %tunnel.peer.identity, vip = %tunnel.vip, flags = "-")
         }
-        Err(e) => {
-            tracing::info!(target: "access", %method, %path, status = e.status().as_u16(), flags = e.flag(), reason = %e, peer = %tunnel.peer.identity, vip = %tunnel.vip);
-            local_reply(&e)
+        Some(flag) => {
+            tracing::info!(target: "access", %method, %uri, status = resp.status().as_u16(), flags = flag.0, peer = %tunnel.peer.identity, vip = %tunnel.vip)
         }
     }
+    resp
 }
 
 pub fn local_reply(e: &ProxyError) -> Response<Body> {
@@ -103,6 +113,7 @@ pub fn local_reply(e: &ProxyError) -> Response<Body> {
     *resp.status_mut() = e.status();
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp.extensions_mut().insert(ResponseFlag(e.flag()));
     resp
 }
 
@@ -112,34 +123,16 @@ fn full(s: &'static str) -> Body {
         .boxed()
 }
 
-async fn proxy(ctx: &Ctx, tunnel: &TunnelInfo, mut req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
-    let binding = {
-        let snap = ctx.config.guard();
-        snap.service(&tunnel.vip)
-            .cloned()
-            .ok_or_else(|| ProxyError::NoRoute(tunnel.vip.to_string()))?
-    };
-    let ep = binding.backend.pick().cloned().ok_or_else(|| {
-        ProxyError::NoHealthyUpstream(format!("{}/{}:{}", binding.namespace, binding.name, binding.vip.port()))
-    })?;
-    let proto = match binding.protocol {
-        PortProtocol::Http2 => Protocol::Http2,
-        PortProtocol::Http => Protocol::Http1,
-        PortProtocol::Detect | PortProtocol::Tcp => {
-            if req.version() == Version::HTTP_2 {
-                Protocol::Http2
-            } else {
-                Protocol::Http1
-            }
-        }
+async fn proxy(ctx: &Ctx, tunnel: &TunnelInfo, mut req: Request<Incoming>) -> Response<Body> {
+    let snapshot = ctx.config.load();
+    let Some(binding) = snapshot.resolve(&tunnel.vip) else {
+        return local_reply(&ProxyError::NoRoute(tunnel.vip.to_string()));
     };
     let upgrade = upgrade_protocol(&req);
     let downstream_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if let Some(proto_name) = &upgrade
-        && proto == Protocol::Http1
-    {
+    if let Some(proto_name) = &upgrade {
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -153,31 +146,79 @@ async fn proxy(ctx: &Ctx, tunnel: &TunnelInfo, mut req: Request<Incoming>) -> Re
             .headers
             .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
+    // HTTP/2 clients put the host in :authority only; routing, rewrites and HTTP/1.1 upstreams read `Host`.
+    if !parts.headers.contains_key(header::HOST) {
+        let host = parts.uri.authority().map(|a| a.as_str()).unwrap_or(&binding.hostname);
+        if let Ok(v) = HeaderValue::try_from(host) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    let mut req = Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed());
+
+    let table = binding
+        .routes
+        .as_ref()
+        .and_then(|r| r.table_for(tunnel.peer.identity.namespace()));
+    let mut resp = match table {
+        Some(table) => {
+            req.extensions_mut().insert(table.clone());
+            let mirrors: Arc<dyn MirrorSink> = Arc::new(Mirrors {
+                upstream: ctx.upstream.clone(),
+                snapshot: snapshot.clone(),
+            });
+            req.extensions_mut().insert(mirrors);
+            req.extensions_mut().insert(snapshot);
+            l7::call(ctx.http_stack.clone(), req).await
+        }
+        None => send_to_backend(&ctx.upstream, &binding.backend, req)
+            .await
+            .unwrap_or_else(|e| l7::error_reply(&e)),
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(down) = downstream_upgrade {
+            let up = hyper::upgrade::on(&mut resp);
+            tokio::spawn(splice_upgrade(down, up));
+        }
+    } else {
+        strip_hop_by_hop(resp.headers_mut());
+    }
+    resp
+}
+
+/// Send to one endpoint of `backend`, in the protocol the backend port declares (or the client's, when the
+/// port declares none).
+pub async fn send_to_backend(
+    upstream: &Upstream,
+    backend: &Backend,
+    req: Request<Body>,
+) -> Result<Response<Body>, ProxyError> {
+    let ep = backend.pick().cloned().ok_or_else(|| {
+        ProxyError::NoHealthyUpstream(format!("{}/{}:{}", backend.namespace, backend.service, backend.port))
+    })?;
+    let proto = match backend.protocol {
+        PortProtocol::Http2 => Protocol::Http2,
+        PortProtocol::Http => Protocol::Http1,
+        PortProtocol::Detect | PortProtocol::Tcp => {
+            if req.version() == Version::HTTP_2 {
+                Protocol::Http2
+            } else {
+                Protocol::Http1
+            }
+        }
+    };
+    let (mut parts, body) = req.into_parts();
     let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| binding.hostname.to_string());
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().to_string()))
+        .unwrap_or_else(|| ep.addr.to_string());
+    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     match proto {
         Protocol::Http1 => {
             parts.version = Version::HTTP_11;
             parts.uri = Uri::try_from(path_and_query).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-            if !parts.headers.contains_key(header::HOST) {
-                let host = HeaderValue::try_from(authority).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-                parts.headers.insert(header::HOST, host);
-            }
         }
         Protocol::Http2 => {
             parts.version = Version::HTTP_2;
@@ -188,19 +229,15 @@ async fn proxy(ctx: &Ctx, tunnel: &TunnelInfo, mut req: Request<Incoming>) -> Re
                 .build()
                 .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
             parts.headers.remove(header::HOST);
+            // h2 has no upgrade mechanism; a WebSocket handshake cannot cross into an HTTP/2 upstream.
+            parts.headers.remove(header::CONNECTION);
+            parts.headers.remove(header::UPGRADE);
         }
     }
-    let upstream_req = Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed());
-    let mut resp = ctx.upstream.http.send(&ctx.upstream, &ep, proto, upstream_req).await?;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(down) = downstream_upgrade {
-            let up = hyper::upgrade::on(&mut resp);
-            tokio::spawn(splice_upgrade(down, up));
-        }
-    } else {
-        strip_hop_by_hop(resp.headers_mut());
-    }
-    Ok(resp)
+    upstream
+        .http
+        .send(upstream, &ep, proto, Request::from_parts(parts, body))
+        .await
 }
 
 /// After a 101, both sides become raw byte streams (WebSocket and other HTTP/1.1 upgrades).

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod http;
+pub mod l7;
 pub mod sniff;
 pub mod tcp;
 pub mod tunnel;
@@ -20,4 +21,6 @@ pub struct Ctx {
     pub tls: Arc<TlsStore>,
     pub upstream: Arc<Upstream>,
     pub drain: Drain,
+    /// The routed-request pipeline ([`l7::stack`]), built once.
+    pub http_stack: l7::HttpService,
 }

@@ -51,8 +51,8 @@ pub async fn handle(
             return;
         }
     };
-    let binding = match ctx.config.guard().service(&vip) {
-        Some(b) => b.clone(),
+    let binding = match ctx.config.guard().resolve(&vip) {
+        Some(b) => b,
         None => {
             refuse(
                 &mut respond,
@@ -118,7 +118,7 @@ async fn run_detected(ctx: Arc<Ctx>, tunnel: Arc<TunnelInfo>, io: H2Stream, decl
         // A port declared HTTP that does not carry HTTP: let hyper answer 400 rather than pass bytes through.
         (Detected::Opaque, Some(d)) => super::http::serve(ctx, tunnel, io, d).await,
         (Detected::Opaque, None) => {
-            let binding = ctx.config.guard().service(&tunnel.vip).cloned();
+            let binding = ctx.config.guard().resolve(&tunnel.vip);
             let Some(ep) = binding.and_then(|b| b.backend.pick().cloned()) else {
                 tracing::info!(vip = %tunnel.vip, flags = "UH", "no endpoint for opaque tunnel; closed");
                 return;
