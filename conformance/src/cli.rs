@@ -74,7 +74,13 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             };
         }
     };
-    let filter = std::env::var("WAYPOINT_LOG").unwrap_or_else(|_| "warn".into());
+    // The runner's own lines are its output; the in-process waypoint's warnings about each test's config
+    // (e.g. HTTPS listeners it does not serve) would drown them.
+    let default_filter = match cli.command {
+        Command::Run { .. } => "error",
+        Command::Demo { .. } => "warn",
+    };
+    let filter = std::env::var("WAYPOINT_LOG").unwrap_or_else(|_| default_filter.into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_default())
         .with_writer(std::io::stderr)

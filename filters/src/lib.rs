@@ -9,10 +9,12 @@
 //! Infallible`), flagged with a [`context::ResponseFlag`].
 
 pub mod authority;
+pub mod authz;
 pub mod backend;
 pub mod context;
 pub mod cors;
 pub mod headers;
+pub mod jwt;
 pub mod mirror;
 pub mod path_modifier;
 pub mod redirect;

@@ -643,6 +643,46 @@ tests:
                 };
                 assert!(!t.cases.is_empty(), "{}", t.name);
                 harnesses.insert(t.harness.clone());
+                // Each harness finds the block it reads.
+                for c in &t.cases {
+                    let what = format!("{}: {}", t.name, c.name);
+                    match t.harness.as_str() {
+                        "weighted_distribution" | "mesh_weighted_distribution" => {
+                            let d = c.distribution.as_ref().expect(&what);
+                            assert!(d.samples > 0 && !d.expected_fractions.is_empty(), "{what}");
+                            assert!(c.warmup_expect.is_some(), "{what}");
+                        }
+                        "mirror_distribution" => {
+                            let m = c.mirror_distribution.as_ref().expect(&what);
+                            assert_eq!(m.accept_count_between.len(), 2, "{what}");
+                            assert!(!c.expect.as_ref().expect(&what).mirrored_to.is_empty(), "{what}");
+                        }
+                        "http_roundtrip_with_mirror" => {
+                            assert!(c.request.path.as_ref().expect(&what).contains("{request_id}"), "{what}");
+                            assert!(!c.expect.as_ref().expect(&what).mirrored_to.is_empty(), "{what}");
+                        }
+                        "repeated_invariant" => {
+                            assert!(!c.repeat.as_ref().expect(&what).each_response_must.is_empty(), "{what}")
+                        }
+                        "retry_probe" => {
+                            assert!(c.request.path.as_ref().expect(&what).contains("{uuid}"), "{what}")
+                        }
+                        "websocket" => {
+                            let ws = c.websocket.as_ref().expect(&what);
+                            assert_eq!(ws.exchange.len(), 2, "{what}");
+                        }
+                        "http_roundtrip" => {
+                            assert!(!c.expect.as_ref().expect(&what).status.is_empty(), "{what}");
+                            assert!(t.entry.is_some(), "{what}");
+                        }
+                        "mesh_exec_client" => {
+                            assert!(c.request.target.is_some(), "{what}");
+                            let client = c.request.client.as_ref().or(t.client.as_ref().and_then(PerCase::given));
+                            assert!(client.is_some(), "{what}");
+                        }
+                        other => panic!("{what}: harness {other} not covered by this test"),
+                    }
+                }
             }
         }
         for h in &harnesses {

@@ -313,7 +313,7 @@ fn prepare_mesh(client: &PodInfo, world: &TestWorld, request: &RequestSpec) -> R
         Err(e) => resolve_by_addresses(target, request, world).ok_or(e)?,
     };
     let mut headers_out = Vec::new();
-    let mut host = resolved.host.clone();
+    let mut host = request.host.clone().unwrap_or_else(|| resolved.host.clone());
     for (name, value) in &request.headers {
         if name.eq_ignore_ascii_case("host") {
             host = value.clone();
@@ -347,6 +347,7 @@ fn prepare_mesh(client: &PodInfo, world: &TestWorld, request: &RequestSpec) -> R
             connection_close: false,
         },
         scheme,
+        // The Istio echo client returns a redirect as is unless told otherwise; Go's http.Client follows.
         follow_redirects: request.follow_redirects.unwrap_or(false),
         mesh: true,
     })
@@ -473,8 +474,66 @@ mod tests {
         assert_eq!(p.http.headers, vec![("x-test-case".to_string(), "set".to_string())]);
         let https = RequestSpec {
             scheme: Some("https".into()),
-            ..http
+            ..http.clone()
         };
         assert!(prepare_mesh(&client, &world, &https).is_err());
+
+        // A target cluster DNS cannot resolve falls back to the Service the case's addresses name.
+        let elsewhere = RequestSpec {
+            target: Some("echo".into()),
+            addresses: Some(crate::runner::cases::Addresses {
+                service: Some("mesh/echo".into()),
+                pod: None,
+                port: Some(8080),
+            }),
+            ..RequestSpec::default()
+        };
+        let mut consumer = client.clone();
+        consumer.namespace = "consumer".into();
+        let p = prepare_mesh(&consumer, &world, &elsewhere).unwrap();
+        assert_eq!(
+            (p.http.authority.as_str(), p.http.host.as_str()),
+            ("10.96.0.10:8080", "echo")
+        );
+        let unresolvable = RequestSpec {
+            target: Some("echo".into()),
+            ..RequestSpec::default()
+        };
+        assert!(prepare_mesh(&consumer, &world, &unresolvable).is_err());
+    }
+
+    fn source() -> SourceZtunnel {
+        let ca = crate::pki::TestCa::new("cluster.local");
+        let leaf = ca.issue("ns", "sa", crate::pki::KeyKind::EcdsaP256).unwrap();
+        let config = crate::source_ztunnel::SourceZtunnelConfig::new(
+            "127.0.0.1:15008".parse().unwrap(),
+            "spiffe://cluster.local/ns/default/sa/waypoint",
+            leaf,
+            ca.root_pem(),
+        );
+        SourceZtunnel::new(config).unwrap()
+    }
+
+    #[test]
+    fn redirects_are_followed_only_to_reachable_addresses() {
+        let vip = Ipv4Addr::new(10, 200, 0, 1);
+        let channel = Channel::Gateway {
+            entry: entry(80),
+            vip,
+            source: source(),
+        };
+        let world = TestWorld::default();
+        let post = HttpRequest {
+            method: "POST".into(),
+            ..prepare_gateway(&entry(80), vip, &RequestSpec::default()).unwrap().http
+        };
+        let next = channel.follow(&world, &post, 302, "/elsewhere?x=1").unwrap();
+        assert_eq!((next.method.as_str(), next.path.as_str()), ("GET", "/elsewhere?x=1"));
+        assert_eq!(next.authority, "10.200.0.1:80");
+        let next = channel.follow(&world, &post, 307, "http://10.200.0.1/p").unwrap();
+        assert_eq!((next.method.as_str(), next.host.as_str()), ("POST", "10.200.0.1"));
+        assert!(channel.follow(&world, &post, 302, "http://example.org/p").is_err());
+        assert!(channel.follow(&world, &post, 302, "https://10.200.0.1/p").is_err());
+        assert!(channel.follow(&world, &post, 302, "http://10.200.0.1:8080/p").is_err());
     }
 }

@@ -124,7 +124,10 @@ impl Environment {
             },
         });
         let config_path = dir.path().join("waypoint.yaml");
-        write_atomically(&config_path, &render("initial config", &[waypoint_document.clone()])?)?;
+        write_atomically(
+            &config_path,
+            &render("initial config", std::slice::from_ref(&waypoint_document))?,
+        )?;
         let app = waypoint::App::start(config_path.clone()).await?;
         info!(hbone = %app.hbone_addr, config = %config_path.display(), "conformance environment started");
         Ok(Environment {

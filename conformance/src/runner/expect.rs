@@ -21,21 +21,31 @@ pub struct RequestFacts<'a> {
     pub path: &'a str,
 }
 
+/// No status in the expectation means 200, as in the upstream `ExpectedResponse` (never "anything goes").
+fn expected_statuses(expect: &ExpectSpec) -> &[u16] {
+    if expect.status.is_empty() {
+        &[200]
+    } else {
+        &expect.status
+    }
+}
+
 pub fn status_ok(expect: &ExpectSpec, actual: u16) -> bool {
-    if expect.status.is_empty() || expect.status.contains(&actual) {
+    let expected = expected_statuses(expect);
+    if expected.contains(&actual) {
         return true;
     }
     let classes: [&[u16]; 2] = [&expect.status_equivalents, &TIMEOUT_CODES];
     classes
         .iter()
-        .any(|class| class.contains(&actual) && expect.status.iter().any(|s| class.contains(s)))
+        .any(|class| class.contains(&actual) && expected.iter().any(|s| class.contains(s)))
 }
 
 fn check_status(expect: &ExpectSpec, actual: u16) -> Result<(), String> {
     if status_ok(expect, actual) {
         Ok(())
     } else {
-        Err(format!("expected status {:?}, got {actual}", expect.status))
+        Err(format!("expected status {:?}, got {actual}", expected_statuses(expect)))
     }
 }
 
@@ -337,6 +347,8 @@ mod tests {
         e.status = vec![200, 204];
         e.status_equivalents = vec![200, 204, 206];
         assert!(status_ok(&e, 206));
+        let unspecified = ExpectSpec::default();
+        assert!(status_ok(&unspecified, 200) && !status_ok(&unspecified, 404));
     }
 
     #[test]

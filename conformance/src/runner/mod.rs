@@ -167,13 +167,15 @@ async fn run_test(
     for case in &test.cases {
         cases.push(run_case(ctx, harness, case).await);
     }
-    TestReport::from_cases(
+    let mut report = TestReport::from_cases(
         &test.name,
         &test.harness,
         test.profile.clone(),
         cases,
         start.elapsed().as_millis() as u64,
-    )
+    );
+    report.ignored_by_waypoint = world.skipped.clone();
+    report
 }
 
 /// `preconditions_k8s` mapped onto "the waypoint accepted the config": the objects exist in the test's

@@ -38,6 +38,9 @@ pub struct TestReport {
     /// Test-level failure or skip reason (config rejected, unsupported harness …); case failures are in `cases`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Objects of the test the waypoint reported as not acted on (kinds it does not support).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ignored_by_waypoint: Vec<String>,
     pub duration_ms: u64,
     pub cases: Vec<CaseReport>,
 }
@@ -64,6 +67,7 @@ impl TestReport {
             profile,
             verdict,
             reason: None,
+            ignored_by_waypoint: Vec::new(),
             duration_ms,
             cases,
         }
@@ -76,6 +80,7 @@ impl TestReport {
             profile,
             verdict: Verdict::Fail,
             reason: Some(reason),
+            ignored_by_waypoint: Vec::new(),
             duration_ms,
             cases: Vec::new(),
         }
@@ -101,7 +106,11 @@ impl TestReport {
                     }
                     (None, None) => "failed".into(),
                 };
-                format!("FAIL {}: {}", self.name, one_line(&why))
+                let ignored = match self.ignored_by_waypoint.as_slice() {
+                    [] => String::new(),
+                    objects => format!(" [the waypoint ignored {}]", objects.join(", ")),
+                };
+                format!("FAIL {}: {}{ignored}", self.name, one_line(&why))
             }
             Verdict::Skip => {
                 let why = self
@@ -207,6 +216,13 @@ mod tests {
         assert_eq!(skip.line(), "SKIP C: TLS");
         let broken = TestReport::failed("D", "x", None, "unsupported harness x".into(), 0);
         assert_eq!(broken.line(), "FAIL D: unsupported harness x");
+        let mut ignored = fail.clone();
+        ignored.ignored_by_waypoint = vec!["security.istio.io/v1/AuthorizationPolicy ns/p".into()];
+        assert!(
+            ignored
+                .line()
+                .ends_with(" [the waypoint ignored security.istio.io/v1/AuthorizationPolicy ns/p]")
+        );
         let run = RunReport::new("f", Path::new("c"), Path::new("m"), vec![pass, fail, skip, broken], 5);
         assert_eq!(run.summary_line(), "1 passed, 2 failed, 1 skipped");
         let json = serde_json::to_value(&run).unwrap_or_default();

@@ -75,7 +75,7 @@ pub fn base64(bytes: &[u8]) -> String {
 
 pub fn hex_decode(hex: &str) -> Result<Vec<u8>, String> {
     let hex = hex.trim();
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return Err(format!("odd-length hex {hex:?}"));
     }
     (0..hex.len())

@@ -61,7 +61,9 @@ pub struct RouteMatch {
 pub enum PathMatch {
     Exact(String),
     /// Segment-wise prefix: `/foo` matches `/foo`, `/foo/` and `/foo/bar`, not `/foobar`. Stored without a
-    /// trailing slash (except for `/` itself).
+    /// trailing slash (except for `/` itself); the table also ignores one if given.
+    /// In a `RouteKind::VirtualService` route it is Istio's plain string prefix instead (`/foo` matches
+    /// `/foobar`), so keep the VirtualService value as written, trailing slash included.
     Prefix(String),
     /// Anchored: the whole path must match.
     Regex(Regex),
