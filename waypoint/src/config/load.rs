@@ -4,7 +4,7 @@
 //! line) and the field, so an operator can fix a whole file in one pass. A file with any error produces no
 //! snapshot: the caller keeps serving the last good one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ use waypoint_filters::route::{BackendId, Route, RouteTable};
 
 use super::gateway_api::{self as gw, BackendResolver, Grants, TranslateCx};
 use super::k8s::{self, IntOrString};
+use super::virtual_service as vs;
 use super::{
     Backend, BindingKind, Endpoint, PortProtocol, RouteSet, ServiceBinding, Settings, Snapshot, TlsPaths, duration,
 };
@@ -198,6 +199,7 @@ struct Objects {
     http_routes: Vec<(Origin, gw::HttpRoute)>,
     grpc_routes: Vec<(Origin, gw::GrpcRoute)>,
     grants: Vec<(Origin, gw::ReferenceGrant)>,
+    virtual_services: Vec<(Origin, vs::VirtualService)>,
     skipped: Vec<String>,
 }
 
@@ -251,6 +253,7 @@ impl Objects {
             ("gateway.networking.k8s.io", "HTTPRoute") => push(cx, &mut self.http_routes, origin, value),
             ("gateway.networking.k8s.io", "GRPCRoute") => push(cx, &mut self.grpc_routes, origin, value),
             ("gateway.networking.k8s.io", "ReferenceGrant") => push(cx, &mut self.grants, origin, value),
+            ("networking.istio.io", "VirtualService") => push(cx, &mut self.virtual_services, origin, value),
             _ => {
                 tracing::warn!(file = cx.file, document = cx.doc, %api_version, %kind, %name, "kind not supported by this waypoint; skipped");
                 self.skipped.push(format!("{api_version}/{kind} {ns}/{name}"));
@@ -305,6 +308,7 @@ fn compile(cx: &mut Ctx<'_>, base_dir: &Path, objects: Objects, generation: u64)
     }
 
     let routes = with_routes(cx, &objects, &index);
+    let mut vs_errors: HashSet<(usize, String)> = HashSet::new();
 
     let mut services: HashMap<SocketAddr, Arc<ServiceBinding>> = HashMap::new();
     let mut owners: HashMap<SocketAddr, String> = HashMap::new();
@@ -324,8 +328,45 @@ fn compile(cx: &mut Ctx<'_>, base_dir: &Path, objects: Objects, generation: u64)
             if vips.is_empty() {
                 tracing::warn!(service = %format!("{ns}/{}", svc.metadata.name), "service has no cluster IP; nothing can address it through the waypoint");
             }
+            let vss: Vec<&(Origin, vs::VirtualService)> = objects
+                .virtual_services
+                .iter()
+                .filter(|(_, v)| {
+                    v.applies_to_mesh()
+                        && v.host_services(&settings.cluster_domain)
+                            .iter()
+                            .any(|(n, s)| n == ns && *s == svc.metadata.name)
+                })
+                .collect();
             for (port, id) in ports {
-                let set = routes.for_service(ns, &svc.metadata.name, port.port);
+                let mut set = routes.for_service(ns, &svc.metadata.name, port.port);
+                if !vss.is_empty() {
+                    if set.is_some() {
+                        // Istio: for a Service bound to a waypoint, Gateway API routes take precedence over
+                        // VirtualServices (the VirtualService is ignored for it).
+                        tracing::warn!(service = %format!("{ns}/{}", svc.metadata.name), port = port.port, "both HTTPRoute/GRPCRoute and VirtualService bind this service; the Gateway API route wins");
+                    } else {
+                        let mut compiled = Vec::new();
+                        for (vorigin, v) in &vss {
+                            match vs::translate(v, port.port, &settings.cluster_domain, &index, vorigin.doc) {
+                                Ok(r) => compiled.push(Arc::new(r)),
+                                Err(e) => {
+                                    if vs_errors.insert((vorigin.doc, e.field.clone())) {
+                                        let here = (cx.doc, cx.line, cx.object.clone());
+                                        with_origin(cx, vorigin, |cx| cx.field_error(&e.field, e.reason));
+                                        (cx.doc, cx.line, cx.object) = here;
+                                    }
+                                }
+                            }
+                        }
+                        if !compiled.is_empty() {
+                            set = Some(Arc::new(RouteSet {
+                                producer: Some(Arc::new(RouteTable::new(compiled))),
+                                consumers: HashMap::new(),
+                            }));
+                        }
+                    }
+                }
                 for vip in &vips {
                     let binding = ServiceBinding {
                         kind: BindingKind::Service,

@@ -8,6 +8,8 @@ pub mod duration;
 pub mod gateway_api;
 pub mod k8s;
 pub mod load;
+pub mod security; // TEMP-SEC
+pub mod virtual_service;
 pub mod watch;
 
 use std::collections::{BTreeMap, HashMap};
