@@ -9,3 +9,4 @@ pub mod net;
 pub mod pki;
 pub mod runner;
 pub mod source_ztunnel;
+pub mod tempdir;

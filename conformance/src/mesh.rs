@@ -7,6 +7,7 @@
 //! tables. The waypoint reads the same multi-document YAML a user would write (Service / Pod objects plus our
 //! `WaypointConfig`), so a mesh test also exercises the file config path.
 
+use crate::tempdir::TempDir;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -285,7 +286,11 @@ impl MeshBuilder {
 
     pub async fn start(self) -> Result<Mesh, MeshError> {
         let ca = TestCa::try_new(&self.trust_domain)?;
-        let dir = TempDir::new()?;
+        let dir = TempDir::new("waypoint-mesh").map_err(|source| MeshError::Io {
+            what: "creating",
+            path: std::env::temp_dir(),
+            source,
+        })?;
         let mut pods = Vec::with_capacity(self.pods.len());
         for spec in &self.pods {
             pods.push(self.start_pod(&ca, spec).await?);
@@ -877,40 +882,6 @@ async fn probe_ready(addr: SocketAddr) -> bool {
         tokio::time::timeout(Duration::from_secs(2), attempt).await,
         Ok(Some(true))
     )
-}
-
-/// A private directory under the system temp dir, removed on drop (kept when `WAYPOINT_MESH_KEEP` is set,
-/// for looking at a failed test's config).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<TempDir, MeshError> {
-        let path = std::env::temp_dir().join(format!(
-            "waypoint-mesh-{}-{:016x}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir(&path).map_err(|source| MeshError::Io {
-            what: "creating",
-            path: path.clone(),
-            source,
-        })?;
-        Ok(TempDir(path))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("WAYPOINT_MESH_KEEP").is_some() {
-            eprintln!("keeping mesh directory {}", self.0.display());
-            return;
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! Per test, the waypoint config file is rewritten with that test's objects (base manifests + its own) and
 //! the runner waits until the waypoint applied it: that is what Kubernetes' "Accepted/Programmed" becomes here.
 
+use crate::tempdir::TempDir;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -101,7 +102,11 @@ pub struct Environment {
 impl Environment {
     pub async fn start() -> Result<Environment, EnvError> {
         let ca = TestCa::try_new(TRUST_DOMAIN)?;
-        let dir = TempDir::new()?;
+        let dir = TempDir::new("waypoint-conformance").map_err(|source| EnvError::Io {
+            what: "creating",
+            path: std::env::temp_dir(),
+            source,
+        })?;
         let ip = unique_loopback_ip_with_ports(&[READINESS_PORT, ADMIN_PORT]);
         let leaf = ca.issue(WAYPOINT_NAMESPACE, WAYPOINT_SERVICE_ACCOUNT, KeyKind::EcdsaP256)?;
         leaf.write_to(dir.path(), "waypoint")?;
@@ -482,39 +487,6 @@ fn write_atomically(path: &Path, contents: &str) -> Result<(), EnvError> {
         path: path.to_path_buf(),
         source,
     })
-}
-
-/// The run's directory (config, certificates), removed at the end unless `WAYPOINT_MESH_KEEP` is set.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<TempDir, EnvError> {
-        let path = std::env::temp_dir().join(format!(
-            "waypoint-conformance-{}-{:016x}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir(&path).map_err(|source| EnvError::Io {
-            what: "creating",
-            path: path.clone(),
-            source,
-        })?;
-        Ok(TempDir(path))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("WAYPOINT_MESH_KEEP").is_some() {
-            eprintln!("keeping conformance directory {}", self.0.display());
-            return;
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[cfg(test)]
