@@ -9,7 +9,7 @@ pub mod config;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
-pub mod jwks; // TEMP-SEC
+pub mod jwks;
 pub mod proxy;
 pub mod tls;
 pub mod upstream;

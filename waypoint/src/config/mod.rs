@@ -8,7 +8,7 @@ pub mod duration;
 pub mod gateway_api;
 pub mod k8s;
 pub mod load;
-pub mod security; // TEMP-SEC
+pub mod security;
 pub mod virtual_service;
 pub mod watch;
 

@@ -565,10 +565,22 @@ pub fn authorization_policy(
     cx: &SecurityCx<'_>,
 ) -> Result<Attachment<authz::AuthorizationPolicy>, FieldError> {
     let spec = &ap.spec;
+    // Attachment first: a policy meant for sidecars or ztunnel (even a CUSTOM one) is not ours to reject.
+    let target = match attachment(
+        &ap.metadata,
+        spec.selector.as_ref(),
+        spec.target_ref.as_ref(),
+        &spec.target_refs,
+        cx,
+    )? {
+        Ok(t) => t,
+        Err(reason) => return Ok(Attachment::Skipped { reason }),
+    };
     let action = match spec.action.as_deref() {
         None | Some("ALLOW") => Action::Allow,
         Some("DENY") => Action::Deny,
         Some("AUDIT") => Action::Audit,
+        // Never silently allow what an ext_authz server was supposed to judge.
         Some("CUSTOM") => return Err(ferr("spec.action", "CUSTOM action (ext_authz) not supported yet")),
         Some(other) => {
             return Err(ferr(
@@ -589,23 +601,12 @@ pub fn authorization_policy(
             )
         })?,
     };
-    // Compile before deciding attachment, so a broken policy is reported even when it targets nothing of ours.
     let rules = spec
         .rules
         .iter()
         .enumerate()
         .map(|(i, r)| rule(r, &format!("spec.rules[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
-    let target = match attachment(
-        &ap.metadata,
-        spec.selector.as_ref(),
-        spec.target_ref.as_ref(),
-        &spec.target_refs,
-        cx,
-    )? {
-        Ok(t) => t,
-        Err(reason) => return Ok(Attachment::Skipped { reason }),
-    };
     Ok(Attachment::Applies {
         target,
         compiled: authz::AuthorizationPolicy {
@@ -940,6 +941,11 @@ mod tests {
         assert_eq!(err(&both).field, "spec.selector");
         let other_ns = spec("").replace("    name: echo\n", "    name: echo\n    namespace: elsewhere\n");
         assert_eq!(err(&other_ns).field, "spec.targetRefs[0].namespace");
+        // A CUSTOM policy for sidecars is not ours: skipped, not an error.
+        let custom = format!(
+            "{HEAD}spec:\n  selector:\n    matchLabels:\n      app: x\n  action: CUSTOM\n  provider:\n    name: ext\n"
+        );
+        assert_eq!(target(&custom), None);
         let bad_kind = spec("").replace("kind: Service", "kind: Deployment");
         assert_eq!(err(&bad_kind).field, "spec.targetRefs[0].kind");
     }

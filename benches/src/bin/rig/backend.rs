@@ -113,7 +113,12 @@ http {{
         bail!("nginx -t failed: {}", String::from_utf8_lossy(&test.stderr));
     }
     let mut cmd = Command::new(bin);
-    cmd.arg("-p").arg(&root).arg("-e").arg(root.join("error.log")).arg("-c").arg(&conf_path);
+    cmd.arg("-p")
+        .arg(&root)
+        .arg("-e")
+        .arg(root.join("error.log"))
+        .arg("-c")
+        .arg(&conf_path);
     let proc = Proc::spawn("backend-nginx", &mut cmd, &root.join("stdout.log"))?;
     let version = crate::procs::version_of(bin, &["-v"]);
     Ok(Backend {
@@ -146,18 +151,23 @@ pub fn serve_main(addrs: &[String]) -> Result<()> {
     rt.block_on(async move {
         let small = Bytes::from(small_body());
         let large = Bytes::from(vec![b'x'; LARGE_BODY]);
-        let mut tasks = Vec::new();
         for addr in addrs {
             let listener = TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?;
             let (small, large) = (small.clone(), large.clone());
-            tasks.push(tokio::spawn(async move {
+            tokio::spawn(async move {
                 loop {
-                    let Ok((tcp, _)) = listener.accept().await else { continue };
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
                     let (small, large) = (small.clone(), large.clone());
                     tokio::spawn(async move {
                         let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                            let body = if req.uri().path() == "/1m" { large.clone() } else { small.clone() };
+                            let body = if req.uri().path() == "/1m" {
+                                large.clone()
+                            } else {
+                                small.clone()
+                            };
                             async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
                         });
                         let _ = auto::Builder::new(TokioExecutor::new())
@@ -165,11 +175,10 @@ pub fn serve_main(addrs: &[String]) -> Result<()> {
                             .await;
                     });
                 }
-            }));
+            });
         }
-        for t in tasks {
-            t.await?;
-        }
+        // Serves until the rig kills the process.
+        std::future::pending::<()>().await;
         anyhow::Ok(())
     })
 }

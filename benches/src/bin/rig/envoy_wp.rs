@@ -335,7 +335,10 @@ mod tests {
         };
         let v = wp.render();
         let chains = &v["static_resources"]["listeners"][1]["filter_chains"];
-        assert_eq!(chains[0]["filter_chain_match"]["prefix_ranges"][0]["address_prefix"], "127.9.9.9");
+        assert_eq!(
+            chains[0]["filter_chain_match"]["prefix_ranges"][0]["address_prefix"],
+            "127.9.9.9"
+        );
         let clusters = v["static_resources"]["clusters"].as_array().unwrap();
         assert_eq!(clusters.len(), 3);
         assert_eq!(

@@ -29,8 +29,11 @@ impl Response {
 
 pub async fn get(addr: SocketAddr, path: &str, within: Duration) -> Result<Response> {
     let exchange = async {
-        let mut s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: waypoint-rig\r\nConnection: close\r\n\r\n");
+        let mut s = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: waypoint-rig\r\nConnection: close\r\n\r\n");
         s.write_all(req.as_bytes()).await?;
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).await?;
@@ -60,8 +63,15 @@ fn parse(raw: &[u8]) -> Result<Response> {
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
     let rest = &raw[end + 4..];
-    let mut resp = Response { status, headers, body: Vec::new() };
-    resp.body = if resp.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+    let mut resp = Response {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    resp.body = if resp
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
         dechunk(rest)?
     } else if let Some(len) = resp.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
         if rest.len() < len {
@@ -100,8 +110,12 @@ mod tests {
     #[test]
     fn parses_length_and_chunked() {
         let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nServer: x\r\n\r\nabcdef").unwrap();
-        assert_eq!((r.status, r.body.as_slice(), r.header("server")), (200, &b"abc"[..], Some("x")));
-        let r = parse(b"HTTP/1.1 404 NF\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nLIVE\r\n1\r\n\n\r\n0\r\n\r\n").unwrap();
+        assert_eq!(
+            (r.status, r.body.as_slice(), r.header("server")),
+            (200, &b"abc"[..], Some("x"))
+        );
+        let r =
+            parse(b"HTTP/1.1 404 NF\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nLIVE\r\n1\r\n\n\r\n0\r\n\r\n").unwrap();
         assert_eq!((r.status, r.text().as_str()), (404, "LIVE\n"));
         assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc").is_err());
         assert!(parse(b"").is_err());

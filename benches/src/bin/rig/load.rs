@@ -39,9 +39,27 @@ pub fn all_shapes(h2_streams: u32) -> Vec<Shape> {
         path,
     };
     vec![
-        wrk("h1-c1", "HTTP/1.1 keep-alive, 1 connection, 1 KiB", 1, false, SMALL_PATH),
-        wrk("h1-c16", "HTTP/1.1 keep-alive, 16 connections, 1 KiB", 16, false, SMALL_PATH),
-        wrk("h1-c64", "HTTP/1.1 keep-alive, 64 connections, 1 KiB", 64, false, SMALL_PATH),
+        wrk(
+            "h1-c1",
+            "HTTP/1.1 keep-alive, 1 connection, 1 KiB",
+            1,
+            false,
+            SMALL_PATH,
+        ),
+        wrk(
+            "h1-c16",
+            "HTTP/1.1 keep-alive, 16 connections, 1 KiB",
+            16,
+            false,
+            SMALL_PATH,
+        ),
+        wrk(
+            "h1-c64",
+            "HTTP/1.1 keep-alive, 64 connections, 1 KiB",
+            64,
+            false,
+            SMALL_PATH,
+        ),
         wrk(
             "h1-close-c16",
             "HTTP/1.1 Connection: close, 16 connections, 1 KiB (one tunnel per request)",
@@ -49,11 +67,20 @@ pub fn all_shapes(h2_streams: u32) -> Vec<Shape> {
             true,
             SMALL_PATH,
         ),
-        wrk("h1-1mib-c16", "HTTP/1.1 keep-alive, 16 connections, 1 MiB", 16, false, LARGE_PATH),
+        wrk(
+            "h1-1mib-c16",
+            "HTTP/1.1 keep-alive, 16 connections, 1 MiB",
+            16,
+            false,
+            LARGE_PATH,
+        ),
         Shape {
             id: "h2-m".to_owned() + &h2_streams.to_string(),
             title: format!("HTTP/2 (h2c prior knowledge), 1 connection, {h2_streams} concurrent streams, 1 KiB"),
-            tool: Tool::H2load { conns: 1, streams: h2_streams },
+            tool: Tool::H2load {
+                conns: 1,
+                streams: h2_streams,
+            },
             path: SMALL_PATH,
         },
     ]
@@ -219,7 +246,9 @@ pub fn parse_h2load(summary: &str, log: &str) -> Result<LoadOutcome> {
             // "N total, N started, N done, N succeeded, N failed, N errored, N timeout"
             for part in rest.split(", ") {
                 let mut it = part.split_whitespace();
-                let (Some(n), Some(what)) = (it.next(), it.next()) else { continue };
+                let (Some(n), Some(what)) = (it.next(), it.next()) else {
+                    continue;
+                };
                 let n: u64 = n.parse().with_context(|| format!("requests field {part:?}"))?;
                 match what {
                     "done" => o.requests = n,

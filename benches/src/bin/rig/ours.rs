@@ -20,6 +20,8 @@ pub struct OursConfig {
     pub vip: SocketAddr,
     pub pod_ip: IpAddr,
     pub pod_port: u16,
+    /// `spec.watchInterval`: how often the waypoint polls its config file; part of every apply time measured.
+    pub watch_interval: String,
 }
 
 /// What the scale config adds on top of the base one.
@@ -30,7 +32,10 @@ pub enum Scale {
     Services(usize),
     /// N Services, each with one HTTPRoute (parentRef kind Service); `variant` changes every route's path so
     /// two files of the same size differ in every route.
-    ServicesAndRoutes { n: usize, variant: u32 },
+    ServicesAndRoutes {
+        n: usize,
+        variant: u32,
+    },
 }
 
 /// VIP of scale service `i` (0-based): 127.97.x.y, inside loopback like everything else, and never dialled.
@@ -72,6 +77,7 @@ spec:
     rootsFile: {roots}
   destinationHbonePort: 15008
   drainTimeout: 1s
+  watchInterval: {watch}
 ---
 apiVersion: v1
 kind: Pod
@@ -100,6 +106,7 @@ status:
             roots = self.roots_file,
             port = self.pod_port,
             pod_ip = self.pod_ip,
+            watch = self.watch_interval,
         );
         service(&mut y, SERVICE, self.vip);
         let (n, routes) = match scale {
@@ -107,7 +114,7 @@ status:
             Scale::Services(n) => (n, None),
             Scale::ServicesAndRoutes { n, variant } => (n, Some(variant)),
         };
-        if let Some(variant) = routes {
+        if routes.is_some() {
             // The benchmarked service gets a route too, so the swap under load changes its own route table.
             route(&mut y, SERVICE, self.vip.port(), "/");
         }
@@ -181,6 +188,7 @@ mod tests {
             vip: "127.9.0.1:80".parse().unwrap(),
             pod_ip: "127.5.0.1".parse().unwrap(),
             pod_port: 8080,
+            watch_interval: "100ms".into(),
         }
     }
 

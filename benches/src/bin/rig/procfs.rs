@@ -120,7 +120,11 @@ impl SysCpu {
 }
 
 fn pct(part: u64, total: u64) -> f64 {
-    if total == 0 { 0.0 } else { 100.0 * part as f64 / total as f64 }
+    if total == 0 {
+        0.0
+    } else {
+        100.0 * part as f64 / total as f64
+    }
 }
 
 fn parse_sys_cpu(text: &str) -> Option<SysCpu> {
@@ -249,7 +253,15 @@ mod tests {
     fn proc_stat_cpu_line() {
         let text = "cpu  10 1 5 100 4 2 3 7 0 0\ncpu0 1 1 1 1 1 1 1 1 0 0\n";
         let c = parse_sys_cpu(text).unwrap();
-        assert_eq!(c, SysCpu { process: 16, irq: 5, idle: 104, steal: 7 });
+        assert_eq!(
+            c,
+            SysCpu {
+                process: 16,
+                irq: 5,
+                idle: 104,
+                steal: 7
+            }
+        );
         assert_eq!(c.total(), 132);
     }
 

@@ -50,7 +50,11 @@ impl Proc {
     /// Fails with the end of its log when the process has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited ({status}); its log ends with:\n{}", self.name, self.log_tail(30));
+            bail!(
+                "{} exited ({status}); its log ends with:\n{}",
+                self.name,
+                self.log_tail(30)
+            );
         }
         Ok(())
     }
@@ -95,7 +99,12 @@ pub fn version_of(bin: &Path, args: &[&str]) -> String {
     match Command::new(bin).args(args).output() {
         Ok(o) => {
             let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
-            String::from_utf8_lossy(&text).lines().next().unwrap_or_default().trim().to_owned()
+            let text = String::from_utf8_lossy(&text);
+            text.lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or_default()
+                .to_owned()
         }
         Err(e) => format!("unavailable ({e})"),
     }
@@ -198,7 +207,10 @@ async fn wait_envoy_live(proc: &mut Proc, admin_file: &Path) -> Result<SocketAdd
     let mut last = String::from("admin address not written yet");
     while start.elapsed() < Duration::from_secs(30) {
         proc.check_alive()?;
-        if let Some(addr) = fs::read_to_string(admin_file).ok().and_then(|s| s.trim().parse::<SocketAddr>().ok()) {
+        if let Some(addr) = fs::read_to_string(admin_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<SocketAddr>().ok())
+        {
             match http1::get(addr, "/ready", Duration::from_secs(2)).await {
                 Ok(r) if r.text().trim() == "LIVE" => return Ok(addr),
                 Ok(r) => last = format!("/ready: {} {:?}", r.status, r.text().trim()),
@@ -207,7 +219,11 @@ async fn wait_envoy_live(proc: &mut Proc, admin_file: &Path) -> Result<SocketAdd
         }
         sleep(Duration::from_millis(50)).await;
     }
-    bail!("{} not LIVE after 30 s ({last}); log:\n{}", proc.name, proc.log_tail(30))
+    bail!(
+        "{} not LIVE after 30 s ({last}); log:\n{}",
+        proc.name,
+        proc.log_tail(30)
+    )
 }
 
 impl EnvoyProc {
