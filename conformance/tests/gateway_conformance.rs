@@ -44,7 +44,6 @@ async fn gateway_api_cases_pass() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "Istio policy (AuthorizationPolicy, RequestAuthentication, VirtualService) lands later"]
 async fn istio_policy_cases_pass() {
     run_case_file("istio-cases.yaml").await;
 }

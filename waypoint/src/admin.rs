@@ -76,6 +76,12 @@ fn config_dump(ctx: &Ctx) -> Response<Full<Bytes>> {
         "rejectedUpdates": ctx.config.rejected_count(),
         "lastRejection": ctx.config.last_error(),
         "draining": ctx.drain.is_draining(),
+        "authorization": {
+            "allowed": ctx.authz_counters.allowed.load(std::sync::atomic::Ordering::Relaxed),
+            "denied": ctx.authz_counters.denied.load(std::sync::atomic::Ordering::Relaxed),
+            "audited": ctx.authz_counters.audited.load(std::sync::atomic::Ordering::Relaxed),
+            "dryRunDenied": ctx.authz_counters.dry_run_denied.load(std::sync::atomic::Ordering::Relaxed),
+        },
         "upstream": {
             "hboneConnections": ctx.upstream.hbone.connection_count(),
             "idleHttp1Connections": ctx.upstream.http.idle_h1(),

@@ -34,6 +34,8 @@ pub enum StartError {
     Config(#[from] config::ConfigErrors),
     #[error("certificates: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("JWKS fetcher: {0}")]
+    Jwks(#[from] jwks::JwksError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -60,8 +62,17 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 impl App {
     /// Load `config_path`, bind every listener and start serving. Must run inside a Tokio runtime.
     pub async fn start(config_path: PathBuf) -> Result<App, StartError> {
-        let snapshot = config::load_file(&config_path, 1)?;
-        let settings = snapshot.settings.clone();
+        // A first pass without network access yields the settings the JWKS fetcher needs (its HTTPS roots);
+        // the second builds the snapshot whose `jwksUri` rules share the fetcher's keys.
+        let settings = config::load_file(&config_path, 1)?.settings;
+        let jwks = Arc::new(jwks::JwksFetcher::new(jwks::FetcherConfig {
+            roots: match &settings.jwks_roots_file {
+                Some(path) => tls::read_certs("JWKS roots", path)?,
+                None => Vec::new(),
+            },
+            ..Default::default()
+        })?);
+        let snapshot = config::load_file_with(&config_path, 1, &*jwks)?;
         let tls = TlsStore::load(settings.tls.clone(), settings.trust_domain.clone())?;
         let hbone = bind("hbone", settings.hbone_addr).await?;
         let readiness = bind("readiness", settings.readiness_addr).await?;
@@ -72,16 +83,18 @@ impl App {
             local(&readiness, settings.readiness_addr),
             local(&admin, settings.admin_addr),
         );
-        let config = ConfigStore::new(config_path, snapshot);
+        let config = ConfigStore::new(config_path, snapshot, jwks);
         let drain = Drain::new();
         let upstream = upstream::Upstream::new(tls.clone());
-        let http_stack = proxy::l7::stack(upstream.clone());
+        let authz_counters = Arc::new(waypoint_filters::authz::DecisionCounters::default());
+        let http_stack = proxy::l7::stack(upstream.clone(), authz_counters.clone());
         let ctx = Arc::new(Ctx {
             config: config.clone(),
             tls: tls.clone(),
             upstream,
             drain: drain.clone(),
             http_stack,
+            authz_counters,
         });
 
         tokio::spawn(config.watch(drain.token()));

@@ -171,6 +171,16 @@ impl AuthzPolicies {
         self
     }
 
+    /// Number of policies, every action and dry-run included.
+    pub fn len(&self) -> usize {
+        self.custom.len()
+            + self.deny.len()
+            + self.allow.len()
+            + self.audit.len()
+            + self.dry_deny.len()
+            + self.dry_allow.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.custom.is_empty()
             && self.deny.is_empty()

@@ -171,6 +171,8 @@ pub struct WaypointConfigSpec {
     pub protocol_detection_timeout: Option<String>,
     #[serde(default)]
     pub watch_interval: Option<String>,
+    #[serde(default)]
+    pub security: Option<super::security::SecuritySettingsSpec>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

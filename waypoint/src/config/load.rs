@@ -13,10 +13,13 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use waypoint_filters::route::{BackendId, Route, RouteTable};
+use waypoint_filters::route::{BackendId, Route, RouteKind, RouteTable, Rule, WeightedBackend};
 
 use super::gateway_api::{self as gw, BackendResolver, Grants, TranslateCx};
 use super::k8s::{self, IntOrString};
+use super::security::{
+    self as sec, JwksSource, NoFetch, SecurityCx, SecurityIndex, SecuritySettings, security_settings,
+};
 use super::virtual_service as vs;
 use super::{
     Backend, BindingKind, Endpoint, PortProtocol, RouteSet, ServiceBinding, Settings, Snapshot, TlsPaths, duration,
@@ -72,6 +75,11 @@ impl fmt::Display for ConfigErrors {
 
 /// Read and compile a config file. `generation` is stamped on the snapshot.
 pub fn load_file(path: &Path, generation: u64) -> Result<Snapshot, ConfigErrors> {
+    load_file_with(path, generation, &NoFetch)
+}
+
+/// [`load_file`] with the JWKS source that fills `jwksUri` keys (the running waypoint's fetcher).
+pub fn load_file_with(path: &Path, generation: u64, jwks: &dyn JwksSource) -> Result<Snapshot, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             file: path.display().to_string(),
@@ -83,11 +91,21 @@ pub fn load_file(path: &Path, generation: u64) -> Result<Snapshot, ConfigErrors>
         }])
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    parse_config(&path.display().to_string(), &base, &text, generation)
+    parse_config_with(&path.display().to_string(), &base, &text, generation, jwks)
 }
 
 /// Compile config text. Relative certificate paths resolve against `base_dir`.
 pub fn parse_config(file: &str, base_dir: &Path, text: &str, generation: u64) -> Result<Snapshot, ConfigErrors> {
+    parse_config_with(file, base_dir, text, generation, &NoFetch)
+}
+
+pub fn parse_config_with(
+    file: &str,
+    base_dir: &Path,
+    text: &str,
+    generation: u64,
+    jwks: &dyn JwksSource,
+) -> Result<Snapshot, ConfigErrors> {
     let mut cx = Ctx {
         file,
         errors: Vec::new(),
@@ -115,7 +133,7 @@ pub fn parse_config(file: &str, base_dir: &Path, text: &str, generation: u64) ->
     }
     cx.doc = 0;
     cx.object = None;
-    let snapshot = compile(&mut cx, base_dir, objects, generation);
+    let snapshot = compile(&mut cx, base_dir, objects, generation, jwks);
     if cx.errors.is_empty()
         && let Some(s) = snapshot
     {
@@ -200,6 +218,8 @@ struct Objects {
     grpc_routes: Vec<(Origin, gw::GrpcRoute)>,
     grants: Vec<(Origin, gw::ReferenceGrant)>,
     virtual_services: Vec<(Origin, vs::VirtualService)>,
+    authorization_policies: Vec<(Origin, sec::AuthorizationPolicy)>,
+    request_authentications: Vec<(Origin, sec::RequestAuthentication)>,
     skipped: Vec<String>,
 }
 
@@ -254,6 +274,10 @@ impl Objects {
             ("gateway.networking.k8s.io", "GRPCRoute") => push(cx, &mut self.grpc_routes, origin, value),
             ("gateway.networking.k8s.io", "ReferenceGrant") => push(cx, &mut self.grants, origin, value),
             ("networking.istio.io", "VirtualService") => push(cx, &mut self.virtual_services, origin, value),
+            ("security.istio.io", "AuthorizationPolicy") => push(cx, &mut self.authorization_policies, origin, value),
+            ("security.istio.io", "RequestAuthentication") => {
+                push(cx, &mut self.request_authentications, origin, value)
+            }
             _ => {
                 tracing::warn!(file = cx.file, document = cx.doc, %api_version, %kind, %name, "kind not supported by this waypoint; skipped");
                 self.skipped.push(format!("{api_version}/{kind} {ns}/{name}"));
@@ -279,7 +303,13 @@ fn with_origin<R>(cx: &mut Ctx<'_>, origin: &Origin, f: impl FnOnce(&mut Ctx<'_>
     f(cx)
 }
 
-fn compile(cx: &mut Ctx<'_>, base_dir: &Path, objects: Objects, generation: u64) -> Option<Snapshot> {
+fn compile(
+    cx: &mut Ctx<'_>,
+    base_dir: &Path,
+    objects: Objects,
+    generation: u64,
+    jwks: &dyn JwksSource,
+) -> Option<Snapshot> {
     let settings = match objects.waypoint.as_slice() {
         [] => {
             cx.error(
@@ -295,6 +325,17 @@ fn compile(cx: &mut Ctx<'_>, base_dir: &Path, objects: Objects, generation: u64)
         }
     };
     let settings = settings?;
+    let security_settings = match objects.waypoint.first() {
+        Some((origin, wc)) => with_origin(cx, origin, |cx| match &wc.spec.security {
+            None => SecuritySettings::default(),
+            Some(spec) => security_settings(spec, "spec.security").unwrap_or_else(|e| {
+                cx.field_error(&e.field, e.reason);
+                SecuritySettings::default()
+            }),
+        }),
+        None => SecuritySettings::default(),
+    };
+    let mut security = security_index(cx, &settings, &security_settings, &objects, jwks);
     let workloads = workloads(cx, &settings, &objects);
 
     // Every Service port becomes a backend first: bindings, routes and mirrors all refer to them by id.
@@ -368,7 +409,12 @@ fn compile(cx: &mut Ctx<'_>, base_dir: &Path, objects: Objects, generation: u64)
                     }
                 }
                 for vip in &vips {
+                    let svc_security = security.for_service(ns, &svc.metadata.name);
+                    let default_table = (svc_security.jwt.is_some() || svc_security.authz.is_some())
+                        .then(|| default_table(ns, &svc.metadata.name, *id));
                     let binding = ServiceBinding {
+                        default_table,
+                        security: svc_security,
                         kind: BindingKind::Service,
                         name: svc.metadata.name.as_str().into(),
                         namespace: ns.into(),
@@ -386,7 +432,9 @@ fn compile(cx: &mut Ctx<'_>, base_dir: &Path, objects: Objects, generation: u64)
     }
     for (origin, gateway) in &objects.gateways {
         with_origin(cx, origin, |cx| {
-            for binding in gateway_bindings(cx, gateway, &routes) {
+            let gw_security = security.for_service(ns_of(&gateway.metadata), &gateway.metadata.name);
+            for mut binding in gateway_bindings(cx, gateway, &routes) {
+                binding.security = gw_security.clone();
                 bind(cx, origin, binding);
             }
         });
@@ -413,6 +461,7 @@ fn compile(cx: &mut Ctx<'_>, base_dir: &Path, objects: Objects, generation: u64)
         backends: index.backends,
         workloads: workload_map,
         skipped: objects.skipped,
+        security: security_settings,
     })
 }
 
@@ -575,6 +624,65 @@ fn with_routes(cx: &mut Ctx<'_>, objects: &Objects, index: &BackendIndex) -> Rou
     out
 }
 
+fn ns_of(meta: &k8s::ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or("default")
+}
+
+/// The route every request takes when an address has no routes: its own backend, nothing else.
+fn default_table(ns: &str, name: &str, backend: BackendId) -> Arc<RouteTable> {
+    let rule = Rule {
+        backends: vec![WeightedBackend {
+            backend: Some(backend),
+            weight: 1,
+            filters: Vec::new(),
+        }],
+        ..Default::default()
+    };
+    Arc::new(RouteTable::new(vec![Arc::new(Route {
+        kind: RouteKind::Http,
+        namespace: ns.to_string(),
+        name: format!("{name}-default"),
+        creation_timestamp: None,
+        source_order: 0,
+        hostnames: Vec::new(),
+        rules: vec![Arc::new(rule)],
+    })]))
+}
+
+/// Translate every AuthorizationPolicy and RequestAuthentication, reporting field errors per document.
+fn security_index(
+    cx: &mut Ctx<'_>,
+    settings: &Settings,
+    security: &SecuritySettings,
+    objects: &Objects,
+    jwks: &dyn JwksSource,
+) -> SecurityIndex {
+    let scx = SecurityCx {
+        root_namespace: &security.root_namespace,
+        waypoint: Some((settings.namespace.as_str(), settings.name.as_str())),
+    };
+    let mut index = SecurityIndex::new(security.authz);
+    for (origin, ap) in &objects.authorization_policies {
+        with_origin(cx, origin, |cx| match sec::authorization_policy(ap, &scx) {
+            Ok(sec::Attachment::Applies { target, compiled }) => index.add_authorization_policy(target, compiled),
+            Ok(sec::Attachment::Skipped { reason }) => {
+                tracing::warn!(policy = %origin.object, %reason, "AuthorizationPolicy does not apply to this waypoint")
+            }
+            Err(e) => cx.field_error(&e.field, e.reason),
+        });
+    }
+    for (origin, ra) in &objects.request_authentications {
+        with_origin(cx, origin, |cx| match sec::request_authentication(ra, &scx, jwks) {
+            Ok(sec::Attachment::Applies { target, compiled }) => index.add_request_authentication(target, compiled),
+            Ok(sec::Attachment::Skipped { reason }) => {
+                tracing::warn!(policy = %origin.object, %reason, "RequestAuthentication does not apply to this waypoint")
+            }
+            Err(e) => cx.field_error(&e.field, e.reason),
+        });
+    }
+    index
+}
+
 fn with_hostnames(route: &Route, hostnames: Vec<String>) -> Route {
     Route {
         kind: route.kind,
@@ -653,6 +761,8 @@ fn gateway_bindings(cx: &mut Ctx<'_>, gateway: &gw::Gateway, routes: &Routes) ->
                 protocol: PortProtocol::Http,
                 backend: empty_backend.clone(),
                 routes: Some(set.clone()),
+                default_table: None,
+                security: Default::default(),
             });
         }
     }
@@ -769,6 +879,11 @@ fn settings_from(cx: &mut Ctx<'_>, base_dir: &Path, wc: &k8s::WaypointConfig) ->
         drain_timeout,
         protocol_detection_timeout,
         watch_interval,
+        jwks_roots_file: spec
+            .security
+            .as_ref()
+            .and_then(|s| s.jwks_roots_file.as_deref())
+            .map(resolve),
     })
 }
 

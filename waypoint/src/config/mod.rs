@@ -24,7 +24,7 @@ use waypoint_filters::route::{BackendId, RouteTable};
 
 use crate::identity::SpiffeId;
 
-pub use load::{ConfigError, ConfigErrors, load_file, parse_config};
+pub use load::{ConfigError, ConfigErrors, load_file, load_file_with, parse_config, parse_config_with};
 
 /// Process-level settings from the `WaypointConfig` document. Listener addresses and certificate paths are read
 /// once at start-up; a later edit of those fields is reported and needs a restart.
@@ -46,6 +46,8 @@ pub struct Settings {
     pub protocol_detection_timeout: Duration,
     #[serde(with = "duration::serde_millis")]
     pub watch_interval: Duration,
+    /// PEM roots for HTTPS JWKS fetches (`spec.security.jwksRootsFile`).
+    pub jwks_roots_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -183,6 +185,21 @@ pub struct ServiceBinding {
     pub backend: Arc<Backend>,
     /// HTTPRoute / GRPCRoute rules attached to this address, if any.
     pub routes: Option<Arc<RouteSet>>,
+    /// A one-rule table sending to `backend`, used when the address has no routes but has security policy
+    /// (the policy layers sit in the routed pipeline).
+    #[serde(skip)]
+    pub default_table: Option<Arc<RouteTable>>,
+    /// RequestAuthentication and AuthorizationPolicy that apply to this address.
+    #[serde(serialize_with = "security_summary")]
+    pub security: security::ServiceSecurity,
+}
+
+fn security_summary<S: serde::Serializer>(sec: &security::ServiceSecurity, s: S) -> Result<S::Ok, S::Error> {
+    serde_json::json!({
+        "jwtRules": sec.jwt.as_ref().map(|j| j.rules().len()),
+        "authorizationPolicies": sec.authz.as_ref().map(|a| a.len()),
+    })
+    .serialize(s)
 }
 
 /// The route tables of one parent: the producer's (routes in the Service's namespace, or a Gateway's), and
@@ -230,6 +247,9 @@ pub struct Snapshot {
     pub workloads: HashMap<IpAddr, Arc<Endpoint>>,
     /// Kinds present in the source that this build does not act on, reported at load.
     pub skipped: Vec<String>,
+    /// Compiled `WaypointConfig.spec.security`.
+    #[serde(skip)]
+    pub security: security::SecuritySettings,
 }
 
 fn services_sorted<S: serde::Serializer>(
@@ -272,6 +292,8 @@ impl Snapshot {
                 vec![ep],
             )),
             routes: None,
+            default_table: None,
+            security: security::ServiceSecurity::default(),
         }))
     }
 

@@ -239,6 +239,10 @@ pub struct SecuritySettingsSpec {
     /// `NONE`, `BASE` (default), `MERGE_SLASHES`, `DECODE_AND_MERGE_SLASHES`.
     #[serde(default)]
     pub path_normalization: Option<String>,
+    /// PEM CAs trusted for HTTPS `jwksUri` fetches (relative to the config file). Without it only `http://`
+    /// JWKS URIs can be fetched: there is deliberately no built-in public root store.
+    #[serde(default)]
+    pub jwks_roots_file: Option<String>,
 }
 
 /// The compiled [`SecuritySettingsSpec`].
@@ -1162,6 +1166,7 @@ mod tests {
             root_namespace: Some("mesh-root".into()),
             xff_num_trusted_hops: Some(2),
             path_normalization: Some("MERGE_SLASHES".into()),
+            jwks_roots_file: None,
         };
         let s = security_settings(&spec, "spec.security").unwrap();
         assert_eq!(

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use super::{Snapshot, load_file};
+use super::security::JwksSource;
+use super::{Snapshot, load_file_with};
 
 /// The live config: what the data path reads, plus reload bookkeeping for the admin endpoint.
 pub struct ConfigStore {
@@ -21,14 +22,17 @@ pub struct ConfigStore {
     last_error: std::sync::Mutex<Option<String>>,
     /// (generation applied, rejected edits so far): lets tests and tooling wait for a reload to land.
     changes: tokio::sync::watch::Sender<(u64, u64)>,
+    /// Where `jwksUri` keys come from (the running fetcher), shared across reloads.
+    jwks: Arc<dyn JwksSource + Send + Sync>,
 }
 
 impl ConfigStore {
-    pub fn new(path: PathBuf, initial: Snapshot) -> Arc<Self> {
+    pub fn new(path: PathBuf, initial: Snapshot, jwks: Arc<dyn JwksSource + Send + Sync>) -> Arc<Self> {
         let generation = initial.generation;
         Arc::new(ConfigStore {
             path,
             changes: tokio::sync::watch::Sender::new((generation, 0)),
+            jwks,
             current: ArcSwap::from_pointee(initial),
             rejected: AtomicU64::new(0),
             last_error: std::sync::Mutex::new(None),
@@ -60,7 +64,7 @@ impl ConfigStore {
     /// Re-read the file now. Returns whether a new snapshot was published.
     pub fn reload(&self) -> bool {
         let current = self.current.load();
-        match load_file(&self.path, current.generation + 1) {
+        match load_file_with(&self.path, current.generation + 1, &*self.jwks) {
             Ok(next) => {
                 if next.settings.hbone_addr != current.settings.hbone_addr
                     || next.settings.readiness_addr != current.settings.readiness_addr

@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use waypoint_filters::authz::ConnectionInfo;
 use waypoint_filters::context::{MirrorSink, ResponseFlag};
 
 use super::Ctx;
@@ -34,6 +35,20 @@ pub struct TunnelInfo {
     pub peer: Arc<Peer>,
     /// The CONNECT authority: the service VIP:port the client addressed.
     pub vip: SocketAddr,
+    /// What authorization knows of the connection, built once per tunnel and cloned into requests that need it.
+    pub conn: ConnectionInfo,
+}
+
+impl TunnelInfo {
+    pub fn new(peer: Arc<Peer>, vip: SocketAddr) -> TunnelInfo {
+        let conn = ConnectionInfo {
+            peer_principal: Some(peer.identity.principal().into()),
+            source_ip: Some(peer.addr.ip()),
+            destination: Some(vip),
+            sni: None,
+        };
+        TunnelInfo { peer, vip, conn }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,9 +173,17 @@ async fn proxy(ctx: &Ctx, tunnel: &TunnelInfo, mut req: Request<Incoming>) -> Re
     let table = binding
         .routes
         .as_ref()
-        .and_then(|r| r.table_for(tunnel.peer.identity.namespace()));
+        .and_then(|r| r.table_for(tunnel.peer.identity.namespace()))
+        .or(binding.default_table.as_ref());
     let mut resp = match table {
         Some(table) => {
+            if let Some(jwt) = &binding.security.jwt {
+                req.extensions_mut().insert(jwt.clone());
+            }
+            if let Some(authz) = &binding.security.authz {
+                req.extensions_mut().insert(authz.clone());
+                req.extensions_mut().insert(tunnel.conn.clone());
+            }
             req.extensions_mut().insert(table.clone());
             let mirrors: Arc<dyn MirrorSink> = Arc::new(Mirrors {
                 upstream: ctx.upstream.clone(),

@@ -1,5 +1,6 @@
-//! The per-request L7 pipeline for addresses that have routes, composed once at start-up. Read top to bottom,
-//! this is what happens to a routed request: pick the rule, pick the backend, answer CORS preflights and
+//! The per-request L7 pipeline for addresses that have routes or security policy, composed once at start-up.
+//! Read top to bottom, this is what happens to such a request: verify its JWT, authorize it, pick the rule,
+//! pick the backend, answer CORS preflights and
 //! redirects, rewrite headers and path, mirror, then send with the request timeout around retries around the
 //! per-try timeout. Every layer reads its config from the request extensions (the matched rule), so one stack
 //! serves every snapshot; the innermost service is [`UpstreamService`].
@@ -14,9 +15,10 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
+use waypoint_filters::authz::DecisionCounters;
 use waypoint_filters::context::{ChosenBackend, FailureKind, MirrorSink, ResponseFlag, UpstreamFailure};
 use waypoint_filters::route::BackendId;
-use waypoint_filters::{backend, cors, headers, mirror, redirect, retry, rewrite, route, timeout};
+use waypoint_filters::{authz, backend, cors, headers, jwt, mirror, redirect, retry, rewrite, route, timeout};
 
 use super::error::ProxyError;
 use super::http::local_reply;
@@ -27,8 +29,11 @@ use crate::upstream::http_pool::Body;
 pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
 /// The layers in the order a request meets them.
-pub fn stack(upstream: Arc<Upstream>) -> HttpService {
+pub fn stack(upstream: Arc<Upstream>, authz_counters: Arc<DecisionCounters>) -> HttpService {
     let svc = ServiceBuilder::new()
+        // Istio's order: authenticate, authorize the request as the client sent it, then route.
+        .layer(jwt::JwtLayer::new())
+        .layer(authz::AuthzLayer::with_observer(authz_counters))
         .layer(route::RouteLayer::new())
         .layer(backend::BackendLayer::new())
         .layer(cors::CorsLayer::new())

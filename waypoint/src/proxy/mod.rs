@@ -23,4 +23,6 @@ pub struct Ctx {
     pub drain: Drain,
     /// The routed-request pipeline ([`l7::stack`]), built once.
     pub http_stack: l7::HttpService,
+    /// Authorization decisions so far (allowed, denied, audited, dry-run denials).
+    pub authz_counters: Arc<waypoint_filters::authz::DecisionCounters>,
 }

@@ -64,7 +64,17 @@ pub async fn handle(
         }
     };
 
+    let tunnel = Arc::new(TunnelInfo::new(peer.clone(), vip));
     let upstream = if binding.protocol == PortProtocol::Tcp {
+        if !super::tcp::authorized(&binding, &tunnel) {
+            refuse(
+                &mut respond,
+                StatusCode::FORBIDDEN,
+                &peer,
+                "RBAC: access denied (flags RBAC)",
+            );
+            return;
+        }
         let Some(ep) = binding.backend.pick().cloned() else {
             let e = ProxyError::NoHealthyUpstream(format!("{}/{}", binding.namespace, binding.name));
             refuse(&mut respond, e.status(), &peer, &e.to_string());
@@ -91,9 +101,8 @@ pub async fn handle(
     let io = H2Stream::new(send, req.into_body());
     tracing::debug!(peer = %peer.identity, %vip, service = %binding.hostname, "tunnel open");
 
-    let tunnel = Arc::new(TunnelInfo { peer, vip });
     match (binding.protocol, upstream) {
-        (PortProtocol::Tcp, Some(up)) => super::tcp::splice(io, up).await,
+        (PortProtocol::Tcp, Some(up)) => super::tcp::splice(&ctx, &tunnel, io, up).await,
         (PortProtocol::Http, _) => {
             // Declared HTTP still allows HTTP/2 prior knowledge from a client that knows better.
             run_detected(ctx, tunnel, io, Some(Downstream::Http1)).await
@@ -118,13 +127,19 @@ async fn run_detected(ctx: Arc<Ctx>, tunnel: Arc<TunnelInfo>, io: H2Stream, decl
         // A port declared HTTP that does not carry HTTP: let hyper answer 400 rather than pass bytes through.
         (Detected::Opaque, Some(d)) => super::http::serve(ctx, tunnel, io, d).await,
         (Detected::Opaque, None) => {
-            let binding = ctx.config.guard().resolve(&tunnel.vip);
-            let Some(ep) = binding.and_then(|b| b.backend.pick().cloned()) else {
+            let Some(binding) = ctx.config.guard().resolve(&tunnel.vip) else {
+                return;
+            };
+            if !super::tcp::authorized(&binding, &tunnel) {
+                tracing::info!(vip = %tunnel.vip, peer = %tunnel.peer.identity, flags = "RBAC", "opaque tunnel denied by policy; closed");
+                return;
+            }
+            let Some(ep) = binding.backend.pick().cloned() else {
                 tracing::info!(vip = %tunnel.vip, flags = "UH", "no endpoint for opaque tunnel; closed");
                 return;
             };
             match ctx.upstream.connect(&ep).await {
-                Ok(up) => super::tcp::splice(io, up).await,
+                Ok(up) => super::tcp::splice(&ctx, &tunnel, io, up).await,
                 Err(e) => {
                     tracing::info!(vip = %tunnel.vip, flags = e.flag(), reason = %e, "opaque tunnel upstream failed; closed")
                 }
