@@ -50,7 +50,7 @@ impl Default for FetcherConfig {
         FetcherConfig {
             // Envoy's remote_jwks default cache duration.
             refresh_interval: Duration::from_secs(300),
-            min_refresh_gap: Duration::from_secs(10),
+            min_refresh_gap: Duration::from_secs(1),
             fetch_timeout: Duration::from_secs(5),
             max_body_bytes: 1024 * 1024,
             roots: Vec::new(),

@@ -1,7 +1,9 @@
 //! Evaluating the policies of one service against a request, in Istio's order:
 //! CUSTOM → DENY → ALLOW (AUDIT only records; dry-run policies are evaluated on the side and never enforced).
 //!
-//! 1. A matching CUSTOM policy denies (ext_authz is not implemented: fail closed, see [`Action::Custom`]).
+//! 1. A matching CUSTOM policy sends the request to its ext_authz provider ([`super::custom`]); the layer asks
+//!    [`AuthzPolicies::custom_match`] first and then [`AuthzPolicies::evaluate_after_custom`]. Where no check
+//!    can be made ([`AuthzPolicies::evaluate`]: opaque TCP streams, no client), a matching CUSTOM policy denies.
 //! 2. A matching DENY policy denies.
 //! 3. No ALLOW policy: allow. Some ALLOW policy: allow only when one matches. An ALLOW policy without rules
 //!    matches nothing, so its mere presence denies everything; `rules: [{}]` matches everything.
@@ -101,6 +103,7 @@ pub enum Reason {
     NoAllowPolicy,
     AllowMatched,
     DenyMatched,
+    /// A CUSTOM policy matched and its check refused the request (or could not be made, failing closed).
     CustomMatched,
     /// There are ALLOW policies and none matched.
     NoAllowMatched,
@@ -201,7 +204,33 @@ impl AuthzPolicies {
             .map(|e| e.id.clone())
     }
 
+    /// Whether there is an enforced CUSTOM policy (the waypoint then provides an ext_authz client).
+    pub fn has_custom(&self) -> bool {
+        !self.custom.is_empty()
+    }
+
+    /// The first enforced CUSTOM policy that matches, and its provider: the request must be checked by it.
+    pub fn custom_match(&self, req: &AuthzRequest<'_>) -> Option<(PolicyId, &str)> {
+        self.custom.iter().find(|e| e.policy.matches(req).is_some()).map(|e| {
+            let provider = match &e.policy.action {
+                Action::Custom { provider } => provider.as_str(),
+                _ => "",
+            };
+            (e.id.clone(), provider)
+        })
+    }
+
+    /// The full decision; a matching CUSTOM policy denies (fail closed: nobody was asked).
     pub fn evaluate(&self, req: &AuthzRequest<'_>) -> Decision {
+        self.evaluate_inner(req, true)
+    }
+
+    /// DENY → ALLOW (with AUDIT and dry-run), for a request the ext_authz server allowed or no CUSTOM matched.
+    pub fn evaluate_after_custom(&self, req: &AuthzRequest<'_>) -> Decision {
+        self.evaluate_inner(req, false)
+    }
+
+    fn evaluate_inner(&self, req: &AuthzRequest<'_>, custom: bool) -> Decision {
         let audited_by = Self::first_match(&self.audit, req);
         let dry_run = (!self.dry_deny.is_empty() || !self.dry_allow.is_empty()).then(|| {
             if let Some(p) = Self::first_match(&self.dry_deny, req) {
@@ -222,7 +251,12 @@ impl AuthzPolicies {
                 }
             }
         });
-        let (allowed, reason, policy) = if let Some(p) = Self::first_match(&self.custom, req) {
+        let custom = if custom {
+            Self::first_match(&self.custom, req)
+        } else {
+            None
+        };
+        let (allowed, reason, policy) = if let Some(p) = custom {
             (false, Reason::CustomMatched, Some(p))
         } else if let Some(p) = Self::first_match(&self.deny, req) {
             (false, Reason::DenyMatched, Some(p))

@@ -24,8 +24,8 @@ pub enum Action {
     Allow,
     Deny,
     Audit,
-    /// Delegated to an ext_authz provider. The waypoint does not implement ext_authz yet; the translator rejects
-    /// these policies, and a CUSTOM policy that still reaches evaluation denies when it matches (fail closed).
+    /// Delegated to the ext_authz provider named `provider` (see [`super::custom`]). Where no check can be made
+    /// (an opaque TCP stream), a matching CUSTOM policy denies (fail closed).
     Custom {
         provider: String,
     },

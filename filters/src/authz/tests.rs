@@ -492,3 +492,191 @@ async fn layer_denies_403_rbac_and_normalizes() {
     let req = Request::builder().uri("/admin").body(empty_body()).unwrap();
     assert_eq!(svc.oneshot(req).await.unwrap().status(), StatusCode::OK);
 }
+
+/// An ext_authz server stand-in: decides by path, records what it was asked.
+struct FakeExtAuthz {
+    seen: std::sync::Mutex<Vec<(String, CheckInput)>>,
+}
+
+impl ExtAuthz for FakeExtAuthz {
+    fn check(&self, provider: &str, req: CheckInput) -> BoxFuture<CheckOutcome> {
+        let outcome = match req.path.as_str() {
+            p if p.starts_with("/allow") => CheckOutcome::Allow {
+                upstream: HeaderEdits {
+                    set: vec![("x-user".parse().unwrap(), "alice".parse().unwrap())],
+                    ..Default::default()
+                },
+                downstream: HeaderEdits {
+                    append: vec![("x-authz".parse().unwrap(), "ok".parse().unwrap())],
+                    ..Default::default()
+                },
+            },
+            p if p.starts_with("/deny") => {
+                let mut headers = HeaderMap::new();
+                headers.insert("x-reason", "nope".parse().unwrap());
+                CheckOutcome::Deny {
+                    status: StatusCode::UNAUTHORIZED,
+                    headers,
+                    body: bytes::Bytes::from_static(b"go away"),
+                }
+            }
+            p => CheckOutcome::Error {
+                reason: "unreachable".into(),
+                fail_open: p.starts_with("/open"),
+                status_on_error: StatusCode::SERVICE_UNAVAILABLE,
+            },
+        };
+        self.seen.lock().unwrap().push((provider.to_string(), req));
+        Box::pin(std::future::ready(outcome))
+    }
+}
+
+struct CustomCase {
+    svc: AuthzService<
+        tower::util::BoxCloneSyncService<Request<crate::Body>, http::Response<crate::Body>, std::convert::Infallible>,
+    >,
+    policies: Arc<AuthzPolicies>,
+    fake: Arc<FakeExtAuthz>,
+    counters: Arc<DecisionCounters>,
+}
+
+impl CustomCase {
+    /// CUSTOM on every path but `/skip*`; DENY on `*/secret`. The upstream echoes `x-user`.
+    fn new() -> CustomCase {
+        let echo = tower::service_fn(|req: Request<crate::Body>| async move {
+            let user = req.headers().get("x-user").cloned();
+            let mut resp = http::Response::new(full_body(req.uri().to_string()));
+            if let Some(u) = user {
+                resp.headers_mut().insert("x-user-seen", u);
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        });
+        let counters = Arc::new(DecisionCounters::default());
+        let svc = AuthzLayer::with_observer(counters.clone()).layer(tower::util::BoxCloneSyncService::new(echo));
+        let custom = policy(
+            "ext",
+            Action::Custom {
+                provider: "my-ext".into(),
+            },
+            vec![to(Operation {
+                not_paths: paths(&["/skip*"]),
+                ..Default::default()
+            })],
+        );
+        let deny = policy(
+            "deny-secret",
+            Action::Deny,
+            vec![to(Operation {
+                paths: paths(&["*/secret"]),
+                ..Default::default()
+            })],
+        );
+        CustomCase {
+            svc,
+            policies: Arc::new(AuthzPolicies::new(vec![deny, custom])),
+            fake: Arc::new(FakeExtAuthz {
+                seen: Default::default(),
+            }),
+            counters,
+        }
+    }
+
+    async fn send(&self, path: &str) -> http::Response<crate::Body> {
+        let mut req = Request::builder()
+            .uri(path)
+            .header("host", "echo")
+            .header("authorization", "Bearer t")
+            .body(empty_body())
+            .unwrap();
+        req.extensions_mut().insert(self.policies.clone());
+        req.extensions_mut().insert(ConnectionInfo {
+            peer_principal: Some("cluster.local/ns/front/sa/web".into()),
+            source_ip: "10.0.0.1".parse().ok(),
+            destination: "10.96.0.1:80".parse().ok(),
+            sni: None,
+        });
+        let client: Arc<dyn ExtAuthz> = self.fake.clone();
+        req.extensions_mut().insert(client);
+        self.svc.clone().oneshot(req).await.unwrap()
+    }
+
+    fn asked(&self) -> usize {
+        self.fake.seen.lock().unwrap().len()
+    }
+}
+
+fn flag(res: &http::Response<crate::Body>) -> Option<&'static str> {
+    res.extensions().get::<crate::context::ResponseFlag>().map(|f| f.0)
+}
+
+#[tokio::test]
+async fn custom_allow_adds_headers_upstream_and_downstream() {
+    let case = CustomCase::new();
+    let res = case.send("/allow/x?q=1").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-user-seen"], "alice");
+    assert_eq!(res.headers()["x-authz"], "ok");
+    assert_eq!(body_bytes(res.into_body()).await, "/allow/x?q=1");
+    let seen = case.fake.seen.lock().unwrap();
+    let (provider, input) = &seen[0];
+    assert_eq!(provider, "my-ext");
+    assert_eq!(input.path, "/allow/x?q=1");
+    assert_eq!(input.host, "echo");
+    assert_eq!(input.method, http::Method::GET);
+    assert_eq!(input.headers["authorization"], "Bearer t");
+    assert_eq!(input.peer_principal.as_deref(), Some("cluster.local/ns/front/sa/web"));
+    assert_eq!(input.destination, "10.96.0.1:80".parse().ok());
+}
+
+#[tokio::test]
+async fn custom_deny_returns_the_servers_reply() {
+    let case = CustomCase::new();
+    let res = case.send("/deny").await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(flag(&res), Some("UAEX"));
+    assert_eq!(res.headers()["x-reason"], "nope");
+    assert_eq!(body_bytes(res.into_body()).await, "go away");
+    assert_eq!(case.counters.denied.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn custom_error_fail_open_continues_and_fail_closed_refuses() {
+    let case = CustomCase::new();
+    let res = case.send("/open").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers().get("x-user-seen").is_none());
+    let res = case.send("/closed").await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(flag(&res), Some("UAEX"));
+}
+
+#[tokio::test]
+async fn custom_runs_before_deny_and_only_when_it_matches() {
+    let case = CustomCase::new();
+    // The ext_authz server refuses first: its reply, not RBAC's.
+    let res = case.send("/deny/secret").await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(flag(&res), Some("UAEX"));
+    // Allowed by the server, then refused by the DENY policy.
+    let res = case.send("/allow/secret").await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert_eq!(flag(&res), Some("RBAC"));
+    assert_eq!(case.asked(), 2);
+    // The CUSTOM policy does not match: the server is not asked.
+    let res = case.send("/skip").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(case.asked(), 2);
+    let res = case.send("/skip/secret").await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert_eq!(case.asked(), 2);
+}
+
+#[tokio::test]
+async fn custom_without_client_fails_closed() {
+    let case = CustomCase::new();
+    let mut req = Request::builder().uri("/allow").body(empty_body()).unwrap();
+    req.extensions_mut().insert(case.policies.clone());
+    let res = case.svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert_eq!(flag(&res), Some("UAEX"));
+}

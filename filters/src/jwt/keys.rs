@@ -170,6 +170,8 @@ fn accepted_key_algorithm(a: KeyAlgorithm) -> Option<Algorithm> {
 pub struct JwksHandle {
     keys: ArcSwap<KeySet>,
     refresh: Arc<Notify>,
+    /// Bumped by every `store`: a request held for a rotation waits on it.
+    stored: tokio::sync::watch::Sender<u64>,
     /// Where the keys come from (`jwksUri`), `None` for inline keys: only remote sets can be refreshed.
     uri: Option<String>,
 }
@@ -189,6 +191,7 @@ impl JwksHandle {
         JwksHandle {
             keys: ArcSwap::from_pointee(KeySet::compile(set)),
             refresh: Arc::new(Notify::new()),
+            stored: tokio::sync::watch::Sender::new(0),
             uri: None,
         }
     }
@@ -198,6 +201,7 @@ impl JwksHandle {
         JwksHandle {
             keys: ArcSwap::from_pointee(KeySet::default()),
             refresh: Arc::new(Notify::new()),
+            stored: tokio::sync::watch::Sender::new(0),
             uri: Some(uri.into()),
         }
     }
@@ -215,7 +219,19 @@ impl JwksHandle {
         let compiled = KeySet::compile(set);
         let n = compiled.len();
         self.keys.store(Arc::new(compiled));
+        self.stored.send_modify(|g| *g += 1);
         n
+    }
+
+    /// How many sets have been stored so far.
+    pub fn generation(&self) -> u64 {
+        *self.stored.borrow()
+    }
+
+    /// Resolves once a set newer than `seen` has been stored (immediately if one already has).
+    pub async fn stored_after(&self, seen: u64) {
+        let mut rx = self.stored.subscribe();
+        let _ = rx.wait_for(|g| *g > seen).await;
     }
 
     /// Called by the verifier when a token names a kid the set lacks. Coalesces: one stored permit however

@@ -13,7 +13,7 @@ use tower::{Layer, Service};
 
 use super::{JwtFailure, JwtPolicy};
 use crate::reply::local_reply;
-use crate::service::{HttpService, call_ready};
+use crate::service::{HttpService, call_ready, oneshot};
 use crate::{Body, ResponseFuture};
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -51,7 +51,36 @@ impl<S: HttpService> Service<Request<Body>> for JwtService<S> {
         let Some(policy) = req.extensions().get::<Arc<JwtPolicy>>().cloned() else {
             return call_ready(&mut self.inner, req);
         };
+        // Generations of the remote key sets before verifying: if the token names a kid they lack, the verifier
+        // asks for a refresh, and the request waits (bounded) for a set newer than what it was judged against.
+        let seen: Vec<u64> = policy
+            .rules()
+            .iter()
+            .filter(|r| r.jwks.uri().is_some())
+            .map(|r| r.jwks.generation())
+            .collect();
         match policy.verify_request(&req, unix_now()) {
+            Err(JwtFailure::NoMatchingKey) if !seen.is_empty() => {
+                let inner = self.inner.clone();
+                Box::pin(async move {
+                    let remote = policy.rules().iter().filter(|r| r.jwks.uri().is_some());
+                    let waits = remote.zip(seen).map(|(r, g)| {
+                        Box::pin(async move { r.jwks.stored_after(g).await })
+                            as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>
+                    });
+                    let _ = tokio::time::timeout(KEY_REFRESH_WAIT, futures_select_any(waits.collect())).await;
+                    let mut req = req;
+                    match policy.verify_request(&req, unix_now()) {
+                        Ok(None) => oneshot(inner, req).await,
+                        Ok(Some(done)) => {
+                            policy.apply(&mut req, &done);
+                            req.extensions_mut().insert(done.auth);
+                            oneshot(inner, req).await
+                        }
+                        Err(failure) => Ok(refusal(&req, failure)),
+                    }
+                })
+            }
             Ok(None) => call_ready(&mut self.inner, req),
             Ok(Some(done)) => {
                 tracing::debug!(principal = %done.auth.principal, "jwt verified");
@@ -65,6 +94,23 @@ impl<S: HttpService> Service<Request<Body>> for JwtService<S> {
             }
         }
     }
+}
+
+/// How long a request with an unknown `kid` waits for the key set to be refetched (Istio's default JWKS fetch
+/// timeout). Keys appear at rotation time; failing those requests would make every rotation an outage.
+const KEY_REFRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Resolves when the first of `futs` does.
+async fn futures_select_any(futs: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>>) {
+    let mut futs = futs;
+    std::future::poll_fn(move |cx| {
+        if futs.iter_mut().any(|f| f.as_mut().poll(cx).is_ready()) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
 
 fn unix_now() -> u64 {
