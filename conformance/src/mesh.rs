@@ -226,6 +226,7 @@ pub struct MeshBuilder {
     key_kind: KeyKind,
     extra_config: Vec<String>,
     drain_timeout: String,
+    security: Option<Value>,
     mode: WaypointMode,
 }
 
@@ -261,6 +262,12 @@ impl MeshBuilder {
     /// documents separated by `---`.
     pub fn extra_config(mut self, yaml: &str) -> MeshBuilder {
         self.extra_config.push(yaml.to_string());
+        self
+    }
+
+    /// `spec.security` of the WaypointConfig (e.g. `extensionProviders`), as JSON.
+    pub fn security(mut self, security: Value) -> MeshBuilder {
+        self.security = Some(security);
         self
     }
 
@@ -401,7 +408,7 @@ impl MeshBuilder {
     }
 
     fn waypoint_document(&self, addrs: &WaypointAddrs) -> Value {
-        json!({
+        let mut doc = json!({
             "apiVersion": "waypoint.istio.io/v1alpha1",
             "kind": "WaypointConfig",
             "metadata": {"name": "waypoint", "namespace": self.waypoint_namespace},
@@ -416,7 +423,11 @@ impl MeshBuilder {
                 "destinationHbonePort": HBONE_PORT,
                 "drainTimeout": self.drain_timeout,
             },
-        })
+        });
+        if let Some(security) = &self.security {
+            doc["spec"]["security"] = security.clone();
+        }
+        doc
     }
 }
 
@@ -506,6 +517,7 @@ impl Mesh {
             key_kind: KeyKind::EcdsaP256,
             extra_config: Vec::new(),
             drain_timeout: "10s".into(),
+            security: None,
             mode: WaypointMode::InProcess,
         }
     }

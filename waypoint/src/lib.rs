@@ -7,6 +7,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod drain;
+pub mod ext_authz;
 pub mod hbone;
 pub mod identity;
 pub mod jwks;

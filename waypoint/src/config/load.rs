@@ -657,9 +657,11 @@ fn security_index(
     objects: &Objects,
     jwks: &dyn JwksSource,
 ) -> SecurityIndex {
+    let providers: Vec<&str> = security.extension_providers.keys().map(String::as_str).collect();
     let scx = SecurityCx {
         root_namespace: &security.root_namespace,
         waypoint: Some((settings.namespace.as_str(), settings.name.as_str())),
+        ext_authz_providers: &providers,
     };
     let mut index = SecurityIndex::new(security.authz);
     for (origin, ap) in &objects.authorization_policies {

@@ -15,10 +15,11 @@
 //! feed the results to a [`SecurityIndex`], and ask it [`SecurityIndex::for_service`] for each service binding.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderName;
+use http::{HeaderName, HeaderValue, StatusCode};
 use serde::Deserialize;
 use waypoint_filters::authz::{
     self, Action, AuthzPolicies, AuthzSettings, Cidr, Condition, Operation, PathMatch, PathNormalization,
@@ -243,13 +244,122 @@ pub struct SecuritySettingsSpec {
     /// JWKS URIs can be fetched: there is deliberately no built-in public root store.
     #[serde(default)]
     pub jwks_roots_file: Option<String>,
+    /// Istio's `meshConfig.extensionProviders`: the ext_authz servers CUSTOM policies name.
+    #[serde(default)]
+    pub extension_providers: Vec<ExtensionProviderSpec>,
 }
+
+/// One of Istio's `meshConfig.extensionProviders`. Only the ext_authz kinds mean anything to a waypoint's
+/// authorization; another kind (tracing, access log) is accepted and only refused when a CUSTOM policy names it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtensionProviderSpec {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub envoy_ext_authz_http: Option<ExtAuthzHttpSpec>,
+    #[serde(default)]
+    pub envoy_ext_authz_grpc: Option<ExtAuthzGrpcSpec>,
+}
+
+/// Istio's `EnvoyExternalAuthorizationHttpProvider`. Unknown fields (`includeRequestBodyInCheck`, …) are refused
+/// rather than ignored: a check must never be weaker than the config says.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtAuthzHttpSpec {
+    #[serde(default)]
+    pub service: String,
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub fail_open: bool,
+    /// Istio writes it as a string (`"503"`).
+    #[serde(default)]
+    pub status_on_error: Option<IntOrString>,
+    #[serde(default)]
+    pub include_request_headers_in_check: Vec<String>,
+    /// Istio's deprecated name for `includeRequestHeadersInCheck`.
+    #[serde(default)]
+    pub include_headers_in_check: Vec<String>,
+    #[serde(default)]
+    pub include_additional_headers_in_check: BTreeMap<String, String>,
+    #[serde(default)]
+    pub headers_to_upstream_on_allow: Vec<String>,
+    #[serde(default)]
+    pub headers_to_downstream_on_deny: Vec<String>,
+    #[serde(default)]
+    pub headers_to_downstream_on_allow: Vec<String>,
+}
+
+/// Istio's `EnvoyExternalAuthorizationGrpcProvider`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtAuthzGrpcSpec {
+    #[serde(default)]
+    pub service: String,
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub fail_open: bool,
+    #[serde(default)]
+    pub status_on_error: Option<IntOrString>,
+}
+
+/// Where an ext_authz server is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderTarget {
+    /// An IP literal: dialled directly over plain TCP.
+    Addr(SocketAddr),
+    /// A Service of the snapshot, reached through one of its endpoints like any upstream (TCP or HBONE).
+    Service { namespace: String, name: String, port: u16 },
+}
+
+/// A compiled ext_authz provider.
+#[derive(Debug, Clone)]
+pub struct ExtAuthzProvider {
+    pub name: String,
+    pub target: ProviderTarget,
+    /// `service:port`, the authority of check requests.
+    pub authority: String,
+    pub timeout: Duration,
+    pub fail_open: bool,
+    pub status_on_error: StatusCode,
+    pub kind: ExtAuthzKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum ExtAuthzKind {
+    Http(HttpCheckSettings),
+    Grpc,
+}
+
+/// The HTTP-only settings; header lists hold lower-cased exact/prefix/suffix patterns.
+#[derive(Debug, Clone, Default)]
+pub struct HttpCheckSettings {
+    pub path_prefix: String,
+    pub include_request_headers: Vec<StringMatch>,
+    pub additional_headers: Vec<(HeaderName, HeaderValue)>,
+    pub headers_to_upstream_on_allow: Vec<StringMatch>,
+    pub headers_to_downstream_on_deny: Vec<StringMatch>,
+    pub headers_to_downstream_on_allow: Vec<StringMatch>,
+}
+
+/// Istio's default provider timeout.
+const EXT_AUTHZ_DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The compiled [`SecuritySettingsSpec`].
 #[derive(Debug, Clone)]
 pub struct SecuritySettings {
     pub root_namespace: String,
     pub authz: AuthzSettings,
+    /// ext_authz providers by name.
+    pub extension_providers: HashMap<String, Arc<ExtAuthzProvider>>,
 }
 
 impl Default for SecuritySettings {
@@ -257,6 +367,7 @@ impl Default for SecuritySettings {
         SecuritySettings {
             root_namespace: "istio-system".to_string(),
             authz: AuthzSettings::default(),
+            extension_providers: HashMap::new(),
         }
     }
 }
@@ -283,7 +394,168 @@ pub fn security_settings(spec: &SecuritySettingsSpec, field: &str) -> Result<Sec
             ));
         }
     };
+    for (i, p) in spec.extension_providers.iter().enumerate() {
+        let field = format!("{field}.extensionProviders[{i}]");
+        if p.name.is_empty() {
+            return Err(ferr(format!("{field}.name"), "required"));
+        }
+        let provider = match (&p.envoy_ext_authz_http, &p.envoy_ext_authz_grpc) {
+            (Some(_), Some(_)) => {
+                return Err(ferr(
+                    field,
+                    "envoyExtAuthzHttp and envoyExtAuthzGrpc are mutually exclusive",
+                ));
+            }
+            (Some(h), None) => Some(http_provider(&p.name, h, &format!("{field}.envoyExtAuthzHttp"))?),
+            (None, Some(g)) => Some(grpc_provider(&p.name, g, &format!("{field}.envoyExtAuthzGrpc"))?),
+            // Another kind of provider (tracing, logging): not ours.
+            (None, None) => None,
+        };
+        if out.extension_providers.contains_key(&p.name) {
+            return Err(ferr(
+                format!("{field}.name"),
+                format!("duplicate provider {:?}", p.name),
+            ));
+        }
+        if let Some(provider) = provider {
+            out.extension_providers.insert(p.name.clone(), Arc::new(provider));
+        }
+    }
     Ok(out)
+}
+
+/// `service` as Istio takes it: `name.ns.svc.<domain>`, `name.ns`, optionally behind `ns/`, or an IP literal.
+fn provider_target(service: &str, port: Option<u32>, field: &str) -> Result<(ProviderTarget, String), FieldError> {
+    let port = match port {
+        Some(p) => u16::try_from(p)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| ferr(format!("{field}.port"), "must be a port number 1-65535"))?,
+        None => return Err(ferr(format!("{field}.port"), "required")),
+    };
+    let host = service.rsplit_once('/').map_or(service, |(_, h)| h);
+    if host.is_empty() {
+        return Err(ferr(format!("{field}.service"), "required"));
+    }
+    let authority = format!("{host}:{port}");
+    let bare_ip = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if let Ok(ip) = bare_ip.parse::<std::net::IpAddr>() {
+        return Ok((ProviderTarget::Addr(SocketAddr::new(ip, port)), authority));
+    }
+    let mut labels = host.split('.');
+    match (labels.next(), labels.next(), labels.next()) {
+        (Some(name), Some(ns), None | Some("svc")) if !name.is_empty() && !ns.is_empty() => Ok((
+            ProviderTarget::Service {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+                port,
+            },
+            authority,
+        )),
+        _ => Err(ferr(
+            format!("{field}.service"),
+            format!("{service:?}: expected <name>.<namespace>.svc.<domain>, <name>.<namespace> or an IP address"),
+        )),
+    }
+}
+
+fn provider_timeout(timeout: &Option<String>, field: &str) -> Result<Duration, FieldError> {
+    match timeout {
+        None => Ok(EXT_AUTHZ_DEFAULT_TIMEOUT),
+        Some(t) => match duration::parse(t) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            Ok(_) => Err(ferr(format!("{field}.timeout"), "must be positive")),
+            Err(e) => Err(ferr(format!("{field}.timeout"), e.to_string())),
+        },
+    }
+}
+
+fn status_on_error(v: &Option<IntOrString>, field: &str) -> Result<StatusCode, FieldError> {
+    let code = match v {
+        None => return Ok(StatusCode::FORBIDDEN),
+        Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+        Some(IntOrString::String(s)) => s.trim().parse().ok(),
+    };
+    code.and_then(|c| StatusCode::from_u16(c).ok())
+        .filter(|c| c.as_u16() >= 200)
+        .ok_or_else(|| ferr(format!("{field}.statusOnError"), "must be an HTTP status code 200-999"))
+}
+
+fn header_patterns(list: &[String], field: &str) -> Result<Vec<StringMatch>, FieldError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            if v.is_empty() {
+                Err(ferr(format!("{field}[{i}]"), "must not be empty"))
+            } else {
+                Ok(StringMatch::parse_lowercase(v))
+            }
+        })
+        .collect()
+}
+
+fn http_provider(name: &str, h: &ExtAuthzHttpSpec, field: &str) -> Result<ExtAuthzProvider, FieldError> {
+    let (target, authority) = provider_target(&h.service, h.port, field)?;
+    let path_prefix = h.path_prefix.clone().unwrap_or_default();
+    if !path_prefix.is_empty() && !path_prefix.starts_with('/') {
+        return Err(ferr(format!("{field}.pathPrefix"), "must start with /"));
+    }
+    let mut include = header_patterns(
+        &h.include_request_headers_in_check,
+        &format!("{field}.includeRequestHeadersInCheck"),
+    )?;
+    include.extend(header_patterns(
+        &h.include_headers_in_check,
+        &format!("{field}.includeHeadersInCheck"),
+    )?);
+    let additional_headers = h
+        .include_additional_headers_in_check
+        .iter()
+        .map(|(k, v)| {
+            let f = format!("{field}.includeAdditionalHeadersInCheck[{k}]");
+            let name = header_name(k, &f)?;
+            let value = HeaderValue::try_from(v.as_str()).map_err(|_| ferr(&f, "not a valid header value"))?;
+            Ok((name, value))
+        })
+        .collect::<Result<_, FieldError>>()?;
+    Ok(ExtAuthzProvider {
+        name: name.to_string(),
+        target,
+        authority,
+        timeout: provider_timeout(&h.timeout, field)?,
+        fail_open: h.fail_open,
+        status_on_error: status_on_error(&h.status_on_error, field)?,
+        kind: ExtAuthzKind::Http(HttpCheckSettings {
+            path_prefix,
+            include_request_headers: include,
+            additional_headers,
+            headers_to_upstream_on_allow: header_patterns(
+                &h.headers_to_upstream_on_allow,
+                &format!("{field}.headersToUpstreamOnAllow"),
+            )?,
+            headers_to_downstream_on_deny: header_patterns(
+                &h.headers_to_downstream_on_deny,
+                &format!("{field}.headersToDownstreamOnDeny"),
+            )?,
+            headers_to_downstream_on_allow: header_patterns(
+                &h.headers_to_downstream_on_allow,
+                &format!("{field}.headersToDownstreamOnAllow"),
+            )?,
+        }),
+    })
+}
+
+fn grpc_provider(name: &str, g: &ExtAuthzGrpcSpec, field: &str) -> Result<ExtAuthzProvider, FieldError> {
+    let (target, authority) = provider_target(&g.service, g.port, field)?;
+    Ok(ExtAuthzProvider {
+        name: name.to_string(),
+        target,
+        authority,
+        timeout: provider_timeout(&g.timeout, field)?,
+        fail_open: g.fail_open,
+        status_on_error: status_on_error(&g.status_on_error, field)?,
+        kind: ExtAuthzKind::Grpc,
+    })
 }
 
 // ------------------------------------------------------------------------------------------------ attachment
@@ -294,6 +566,8 @@ pub struct SecurityCx<'a> {
     pub root_namespace: &'a str,
     /// (namespace, name) of this waypoint's Gateway; `None` = any `Gateway` targetRef is taken to mean us.
     pub waypoint: Option<(&'a str, &'a str)>,
+    /// Names of the configured ext_authz providers (`spec.security.extensionProviders`).
+    pub ext_authz_providers: &'a [&'a str],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -584,8 +858,24 @@ pub fn authorization_policy(
         None | Some("ALLOW") => Action::Allow,
         Some("DENY") => Action::Deny,
         Some("AUDIT") => Action::Audit,
-        // Never silently allow what an ext_authz server was supposed to judge.
-        Some("CUSTOM") => return Err(ferr("spec.action", "CUSTOM action (ext_authz) not supported yet")),
+        Some("CUSTOM") => {
+            // Never silently allow what an ext_authz server was supposed to judge: an unknown provider is an error.
+            let name = spec.provider.as_ref().map(|p| p.name.as_str()).unwrap_or_default();
+            if name.is_empty() {
+                return Err(ferr("spec.provider.name", "required with action CUSTOM"));
+            }
+            if !cx.ext_authz_providers.contains(&name) {
+                return Err(ferr(
+                    "spec.provider.name",
+                    format!(
+                        "{name:?} is not an ext_authz provider in spec.security.extensionProviders of the WaypointConfig"
+                    ),
+                ));
+            }
+            Action::Custom {
+                provider: name.to_string(),
+            }
+        }
         Some(other) => {
             return Err(ferr(
                 "spec.action",
@@ -593,7 +883,7 @@ pub fn authorization_policy(
             ));
         }
     };
-    if spec.provider.is_some() {
+    if spec.provider.is_some() && !matches!(action, Action::Custom { .. }) {
         return Err(ferr("spec.provider", "only allowed with action CUSTOM"));
     }
     let dry_run = match ap.metadata.annotations.get(DRY_RUN_ANNOTATION) {
@@ -785,6 +1075,7 @@ mod tests {
     const CX: SecurityCx<'static> = SecurityCx {
         root_namespace: "istio-system",
         waypoint: Some(("gateway-conformance-mesh", "waypoint")),
+        ext_authz_providers: &["ext"],
     };
 
     fn docs<T: serde::de::DeserializeOwned>(yaml: &str, kind: &str) -> Vec<T> {
@@ -956,10 +1247,17 @@ mod tests {
 
     #[test]
     fn policy_field_errors_name_the_field() {
-        assert_eq!(
-            err(&spec("  action: CUSTOM\n  provider:\n    name: ext\n")).reason,
-            "CUSTOM action (ext_authz) not supported yet"
-        );
+        // CUSTOM needs a configured ext_authz provider.
+        let Ok(Attachment::Applies { compiled, .. }) =
+            ap(&spec("  action: CUSTOM\n  provider:\n    name: ext\n  rules: [{}]\n"))
+        else {
+            panic!("CUSTOM with a known provider compiles");
+        };
+        assert_eq!(compiled.action, Action::Custom { provider: "ext".into() });
+        let e = err(&spec("  action: CUSTOM\n  provider:\n    name: other\n"));
+        assert_eq!(e.field, "spec.provider.name");
+        assert!(e.reason.contains("extensionProviders"), "{}", e.reason);
+        assert_eq!(err(&spec("  action: CUSTOM\n")).field, "spec.provider.name");
         assert_eq!(err(&spec("  action: MAYBE\n")).field, "spec.action");
         assert_eq!(err(&spec("  provider:\n    name: ext\n")).field, "spec.provider");
         let cases = [
@@ -1167,6 +1465,7 @@ mod tests {
             xff_num_trusted_hops: Some(2),
             path_normalization: Some("MERGE_SLASHES".into()),
             jwks_roots_file: None,
+            extension_providers: Vec::new(),
         };
         let s = security_settings(&spec, "spec.security").unwrap();
         assert_eq!(
@@ -1180,6 +1479,92 @@ mod tests {
         assert_eq!(
             security_settings(&bad, "spec.security").unwrap_err().field,
             "spec.security.pathNormalization"
+        );
+    }
+
+    fn providers(yaml: &str) -> Result<SecuritySettings, FieldError> {
+        let spec: SecuritySettingsSpec = serde_saphyr::from_str(yaml).unwrap();
+        security_settings(&spec, "spec.security")
+    }
+
+    #[test]
+    fn extension_providers() {
+        let s = providers(
+            "extensionProviders:
+- name: http
+  envoyExtAuthzHttp:
+    service: ext-authz.auth.svc.cluster.local
+    port: 8000
+    timeout: 2s
+    pathPrefix: /check
+    failOpen: true
+    statusOnError: '503'
+    includeRequestHeadersInCheck: [authorization, X-Ext-*]
+    includeAdditionalHeadersInCheck: {x-from: waypoint}
+    headersToUpstreamOnAllow: [x-user]
+    headersToDownstreamOnDeny: [x-reason]
+- name: grpc
+  envoyExtAuthzGrpc: {service: 127.0.0.9, port: 9000}
+- name: tracing
+  zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}
+",
+        )
+        .unwrap();
+        assert_eq!(s.extension_providers.len(), 2);
+        let http = &s.extension_providers["http"];
+        assert_eq!(
+            http.target,
+            ProviderTarget::Service {
+                namespace: "auth".into(),
+                name: "ext-authz".into(),
+                port: 8000
+            }
+        );
+        assert_eq!(http.authority, "ext-authz.auth.svc.cluster.local:8000");
+        assert_eq!(http.timeout, Duration::from_secs(2));
+        assert!(http.fail_open);
+        assert_eq!(http.status_on_error, StatusCode::SERVICE_UNAVAILABLE);
+        let ExtAuthzKind::Http(h) = &http.kind else {
+            panic!("http provider")
+        };
+        assert_eq!(h.path_prefix, "/check");
+        assert!(h.include_request_headers[1].matches("x-ext-id"));
+        assert_eq!(h.additional_headers.len(), 1);
+        let grpc = &s.extension_providers["grpc"];
+        assert_eq!(grpc.target, ProviderTarget::Addr("127.0.0.9:9000".parse().unwrap()));
+        assert_eq!(grpc.status_on_error, StatusCode::FORBIDDEN);
+        assert_eq!(grpc.timeout, Duration::from_secs(600));
+        assert!(matches!(grpc.kind, ExtAuthzKind::Grpc));
+
+        let field = |yaml: &str| providers(yaml).unwrap_err().field;
+        assert_eq!(
+            field("extensionProviders: [{name: a, envoyExtAuthzHttp: {service: a.b}}]"),
+            "spec.security.extensionProviders[0].envoyExtAuthzHttp.port"
+        );
+        assert_eq!(
+            field("extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: authz, port: 1}}]"),
+            "spec.security.extensionProviders[0].envoyExtAuthzGrpc.service"
+        );
+        assert_eq!(
+            field("extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: a.b, port: 1, statusOnError: x}}]"),
+            "spec.security.extensionProviders[0].envoyExtAuthzGrpc.statusOnError"
+        );
+        assert_eq!(
+            field("extensionProviders: [{envoyExtAuthzGrpc: {service: a.b, port: 1}}]"),
+            "spec.security.extensionProviders[0].name"
+        );
+        assert_eq!(
+            field(
+                "extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: a.b, port: 1}}, {name: a, envoyExtAuthzGrpc: {service: a.b, port: 1}}]"
+            ),
+            "spec.security.extensionProviders[1].name"
+        );
+        // A field this waypoint does not implement is refused, never ignored.
+        assert!(
+            serde_saphyr::from_str::<SecuritySettingsSpec>(
+                "extensionProviders: [{name: a, envoyExtAuthzHttp: {service: a.b, port: 1, includeRequestBodyInCheck: {maxRequestBytes: 10}}}]"
+            )
+            .is_err()
         );
     }
 }

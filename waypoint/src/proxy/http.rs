@@ -19,13 +19,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use waypoint_filters::authz::ConnectionInfo;
+use waypoint_filters::authz::{ConnectionInfo, ExtAuthz};
 use waypoint_filters::context::{MirrorSink, ResponseFlag};
 
 use super::Ctx;
 use super::error::ProxyError;
 use super::l7::{self, Mirrors};
 use crate::config::{Backend, PortProtocol};
+use crate::ext_authz::ExtAuthzClient;
 use crate::hbone::server::Peer;
 use crate::upstream::Upstream;
 use crate::upstream::http_pool::{Body, BoxError, Protocol};
@@ -183,6 +184,13 @@ async fn proxy(ctx: &Ctx, tunnel: &TunnelInfo, mut req: Request<Incoming>) -> Re
             if let Some(authz) = &binding.security.authz {
                 req.extensions_mut().insert(authz.clone());
                 req.extensions_mut().insert(tunnel.conn.clone());
+                if authz.has_custom() {
+                    let client: Arc<dyn ExtAuthz> = Arc::new(ExtAuthzClient {
+                        upstream: ctx.upstream.clone(),
+                        snapshot: snapshot.clone(),
+                    });
+                    req.extensions_mut().insert(client);
+                }
             }
             req.extensions_mut().insert(table.clone());
             let mirrors: Arc<dyn MirrorSink> = Arc::new(Mirrors {
