@@ -16,12 +16,15 @@ use crate::topology::{PathKind, Rig};
 pub struct QuietPolicy {
     /// Busy share (all CPUs, percent) under which the machine counts as quiet while the rig is idle.
     pub max_busy_pct: f64,
+    /// Consecutive quiet seconds required.
+    pub quiet_secs: u32,
     /// How long to wait for that; 0 = never wait.
     pub max_wait: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Quiet {
+    /// Time spent in the check, including the required quiet seconds.
     pub waited_s: f64,
     /// Busy share in the last one-second sample.
     pub busy_pct: f64,
@@ -29,8 +32,9 @@ pub struct Quiet {
     pub ok: bool,
 }
 
-/// Waits (bounded) until the machine is mostly idle, sampling `/proc/stat` over one-second windows. Other
-/// people's builds on a shared 2-core box move every number; a run that starts busy is flagged in the report.
+/// Waits (bounded) until the machine has been mostly idle for `quiet_secs` consecutive one-second samples of
+/// `/proc/stat`. Other people's builds on a shared 2-core box move every number, and a single quiet second is
+/// often just the gap between two compiler jobs; a run that starts busy is flagged in the report.
 pub async fn wait_quiet(p: QuietPolicy) -> Result<Quiet> {
     if p.max_wait.is_zero() {
         return Ok(Quiet {
@@ -40,12 +44,16 @@ pub async fn wait_quiet(p: QuietPolicy) -> Result<Quiet> {
     }
     let start = Instant::now();
     let mut announced = false;
+    let mut quiet_run = 0;
+    let mut a = SysCpu::read()?;
     loop {
-        let a = SysCpu::read()?;
         sleep(Duration::from_secs(1)).await;
-        let busy = SysCpu::read()?.since(&a).busy_pct();
-        let waited = start.elapsed().as_secs_f64() - 1.0;
-        if busy <= p.max_busy_pct {
+        let b = SysCpu::read()?;
+        let busy = b.since(&a).busy_pct();
+        a = b;
+        let waited = start.elapsed().as_secs_f64();
+        quiet_run = if busy <= p.max_busy_pct { quiet_run + 1 } else { 0 };
+        if quiet_run >= p.quiet_secs.max(1) {
             if announced {
                 eprintln!("[rig] quiet again after {waited:.0} s");
             }
@@ -55,7 +63,7 @@ pub async fn wait_quiet(p: QuietPolicy) -> Result<Quiet> {
                 ok: true,
             });
         }
-        if !announced {
+        if busy > p.max_busy_pct && !announced {
             eprintln!(
                 "[rig] machine {busy:.0}% busy while the rig is idle (someone else's load?); waiting up to {} s",
                 p.max_wait.as_secs()
@@ -63,7 +71,7 @@ pub async fn wait_quiet(p: QuietPolicy) -> Result<Quiet> {
             announced = true;
         }
         if start.elapsed() >= p.max_wait {
-            eprintln!("[rig] WARNING: still {busy:.0}% busy after {waited:.0} s; measuring anyway");
+            eprintln!("[rig] WARNING: not quiet after {waited:.0} s ({busy:.0}% busy); measuring anyway");
             return Ok(Quiet {
                 waited_s: waited,
                 busy_pct: busy,

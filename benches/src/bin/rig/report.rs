@@ -379,7 +379,7 @@ impl Report<'_> {
         }
         let _ = writeln!(
             o,
-            "\nRSS before the swaps: {:.1} MiB; peak RSS (VmHWM) during the window: {:.1} MiB.\n",
+            "\nRSS before the swaps: {:.1} MiB; peak RSS during the window (max of VmHWM and 100 ms VmRSS samples): {:.1} MiB.\n",
             mib(s.rss_before_kib),
             mib(s.peak_rss_kib)
         );
@@ -425,7 +425,8 @@ impl Report<'_> {
 - **wp CPU ms/1k req**: the waypoint process's utime+stime (all threads, `/proc/PID/stat`) during the interval,
   per 1,000 requests. **req per wp CPU-s** is the same as requests per CPU-second (higher is better).
 - **wp peak RSS**: the larger of VmHWM (reset through `/proc/PID/clear_refs` = 5 right before the interval, read
-  after it) and VmRSS sampled every 100 ms during the interval; **RSS after**: VmRSS at the end.
+  after it) and VmRSS sampled every 100 ms during the interval; **RSS after**: VmRSS at the end. Both waypoints
+  live for the whole invocation, so RSS also holds what earlier shapes left behind (allocator caches, pools).
 - **src-zt / dest-zt / backend ms/1k**: CPU of the Envoy source ztunnel, Envoy destination ztunnel and backend per
   1,000 requests. **load tool cores**: wrk/h2load CPU ÷ wall time.
 - **idle wp cores**: the other (unused) waypoint's background CPU. **others cores**: CPU charged to processes
