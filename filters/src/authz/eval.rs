@@ -283,13 +283,29 @@ pub fn remote_ip(headers: &HeaderMap, source: Option<IpAddr>, trusted_hops: u32)
     if trusted_hops == 0 {
         return source;
     }
-    let entries: Vec<&str> = headers
+    let mut entries: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .collect();
+    if entries.is_empty() {
+        // RFC 7239 `forwarded: for=<addr>;…, for=…` (what ztunnel writes) when there is no XFF: the same hop
+        // arithmetic over its `for=` elements.
+        entries = headers
+            .get_all("forwarded")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|element| {
+                element.split(';').find_map(|pair| {
+                    let (k, v) = pair.trim().split_once('=')?;
+                    k.eq_ignore_ascii_case("for").then(|| v.trim().trim_matches('"'))
+                })
+            })
+            .collect();
+    }
     let index = entries.len().checked_sub(trusted_hops as usize);
     index
         .and_then(|i| entries.get(i))
@@ -435,5 +451,24 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(r.source_namespace(), Option::None);
+    }
+
+    #[test]
+    fn remote_ip_from_forwarded_when_no_xff() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "forwarded",
+            http::HeaderValue::from_static("for=\"10.1.2.3:4567\";host=a.b, for=192.168.0.9"),
+        );
+        let src = Some("127.0.0.1".parse().unwrap());
+        assert_eq!(remote_ip(&h, src, 1), Some("192.168.0.9".parse().unwrap()));
+        assert_eq!(remote_ip(&h, src, 2), Some("10.1.2.3".parse().unwrap()));
+        assert_eq!(remote_ip(&h, src, 0), src);
+        h.insert("x-forwarded-for", http::HeaderValue::from_static("172.16.0.1"));
+        assert_eq!(
+            remote_ip(&h, src, 1),
+            Some("172.16.0.1".parse().unwrap()),
+            "XFF wins when present"
+        );
     }
 }
