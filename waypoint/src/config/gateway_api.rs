@@ -398,7 +398,7 @@ pub struct FieldError {
     pub reason: String,
 }
 
-fn ferr(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
+pub(crate) fn ferr(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
     FieldError {
         field: field.into(),
         reason: reason.into(),
@@ -455,7 +455,7 @@ fn anchored(pattern: &str, field: &str) -> Result<regex::Regex, FieldError> {
     regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| ferr(field, format!("invalid regular expression: {e}")))
 }
 
-fn header_name(name: &str, field: &str) -> Result<HeaderName, FieldError> {
+pub(crate) fn header_name(name: &str, field: &str) -> Result<HeaderName, FieldError> {
     HeaderName::from_bytes(name.as_bytes()).map_err(|_| ferr(field, format!("{name:?} is not a valid header name")))
 }
 

@@ -28,7 +28,7 @@ use waypoint_filters::authz::{
 use waypoint_filters::jwt::{ClaimToHeader, FromHeader, JwkSet, JwksHandle, JwtPolicy, JwtRule, KeySet};
 
 use super::duration;
-use super::gateway_api::FieldError;
+use super::gateway_api::{FieldError, ferr, header_name};
 use super::k8s::{IntOrString, ObjectMeta};
 
 // ------------------------------------------------------------------------------------------------ objects
@@ -605,12 +605,6 @@ pub enum Attachment<T> {
     },
 }
 
-fn ferr(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
-    FieldError {
-        field: field.into(),
-        reason: reason.into(),
-    }
-}
 
 fn namespace_of(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or("default")
@@ -714,9 +708,6 @@ impl JwksSource for NoFetch {
     }
 }
 
-fn header_name(v: &str, field: &str) -> Result<HeaderName, FieldError> {
-    HeaderName::from_bytes(v.as_bytes()).map_err(|_| ferr(field, format!("{v:?} is not a valid header name")))
-}
 
 pub fn request_authentication(
     ra: &RequestAuthentication,

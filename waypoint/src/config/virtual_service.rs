@@ -20,7 +20,7 @@ use waypoint_filters::route::{
 };
 
 use super::duration;
-use super::gateway_api::{BackendResolver, FieldError};
+use super::gateway_api::{BackendResolver, FieldError, ferr};
 use super::k8s::ObjectMeta;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -232,12 +232,6 @@ pub struct HeaderOps {
     pub remove: Vec<String>,
 }
 
-fn ferr(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
-    FieldError {
-        field: field.into(),
-        reason: reason.into(),
-    }
-}
 
 impl VirtualService {
     /// Does this VirtualService apply to mesh traffic (no `gateways`, or `mesh` among them)?
