@@ -605,7 +605,6 @@ pub enum Attachment<T> {
     },
 }
 
-
 fn namespace_of(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or("default")
 }
@@ -707,7 +706,6 @@ impl JwksSource for NoFetch {
         Arc::new(JwksHandle::remote(uri))
     }
 }
-
 
 pub fn request_authentication(
     ra: &RequestAuthentication,

@@ -232,7 +232,6 @@ pub struct HeaderOps {
     pub remove: Vec<String>,
 }
 
-
 impl VirtualService {
     /// Does this VirtualService apply to mesh traffic (no `gateways`, or `mesh` among them)?
     pub fn applies_to_mesh(&self) -> bool {
