@@ -126,9 +126,8 @@ mod tests {
     use super::*;
     use crate::context::ChosenBackend;
     use crate::reply::empty_body;
-    use crate::route::{Matched, Route, RouteKind, Rule, WeightedBackend};
+    use crate::route::Matched;
     use http::{HeaderName, HeaderValue};
-    use std::sync::Arc;
     use tower::ServiceExt;
 
     fn hv(s: &'static str) -> HeaderValue {
@@ -177,29 +176,7 @@ mod tests {
     }
 
     fn matched(rule_filters: Vec<Filter>, backend_filters: Vec<Filter>) -> Matched {
-        Matched {
-            route: Arc::new(Route {
-                kind: RouteKind::Http,
-                namespace: "ns".into(),
-                name: "r".into(),
-                creation_timestamp: None,
-                source_order: 0,
-                hostnames: vec![],
-                rules: vec![],
-            }),
-            rule: Arc::new(Rule {
-                filters: rule_filters,
-                backends: vec![WeightedBackend {
-                    backend: None,
-                    weight: 1,
-                    filters: backend_filters,
-                }],
-                ..Default::default()
-            }),
-            matched_prefix: None,
-            rule_index: 0,
-            match_index: 0,
-        }
+        crate::test_support::matched(rule_filters, backend_filters, None)
     }
 
     /// Echoes request headers as response headers, so one response shows both directions.

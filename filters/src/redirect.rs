@@ -133,35 +133,11 @@ pub fn location<B>(redirect: &Redirect, req: &Request<B>, matched: &Matched) -> 
 mod tests {
     use super::*;
     use crate::context::ChosenBackend;
-    use crate::route::{PathModifier, Route, RouteKind, Rule, WeightedBackend};
-    use std::sync::Arc;
+    use crate::route::PathModifier;
     use tower::ServiceExt;
 
     fn matched(filters: Vec<Filter>, backend_filters: Vec<Filter>, prefix: &str) -> Matched {
-        let rule = Rule {
-            filters,
-            backends: vec![WeightedBackend {
-                backend: None,
-                weight: 1,
-                filters: backend_filters,
-            }],
-            ..Default::default()
-        };
-        Matched {
-            route: Arc::new(Route {
-                kind: RouteKind::Http,
-                namespace: "ns".into(),
-                name: "r".into(),
-                creation_timestamp: None,
-                source_order: 0,
-                hostnames: vec![],
-                rules: vec![],
-            }),
-            rule: Arc::new(rule),
-            matched_prefix: Some(Arc::from(prefix)),
-            rule_index: 0,
-            match_index: 0,
-        }
+        crate::test_support::matched(filters, backend_filters, Some(prefix))
     }
 
     fn redirect(f: impl FnOnce(&mut Redirect)) -> Filter {

@@ -28,3 +28,39 @@ pub fn chunked(chunks: &[&str]) -> Body {
 pub async fn body_bytes(body: Body) -> Bytes {
     body.collect().await.map(|c| c.to_bytes()).unwrap_or_default()
 }
+
+/// What the route layer would leave for a rule with `filters` whose single backendRef carries
+/// `backend_filters`; `prefix` is the matched `PathPrefix`, if any.
+pub fn matched(
+    filters: Vec<crate::route::Filter>,
+    backend_filters: Vec<crate::route::Filter>,
+    prefix: Option<&str>,
+) -> crate::route::Matched {
+    use std::sync::Arc;
+
+    use crate::route::{Matched, Route, RouteKind, Rule, WeightedBackend};
+    let rule = Rule {
+        filters,
+        backends: vec![WeightedBackend {
+            backend: None,
+            weight: 1,
+            filters: backend_filters,
+        }],
+        ..Default::default()
+    };
+    Matched {
+        route: Arc::new(Route {
+            kind: RouteKind::Http,
+            namespace: "ns".into(),
+            name: "r".into(),
+            creation_timestamp: None,
+            source_order: 0,
+            hostnames: vec![],
+            rules: vec![],
+        }),
+        rule: Arc::new(rule),
+        matched_prefix: prefix.map(Arc::from),
+        rule_index: 0,
+        match_index: 0,
+    }
+}

@@ -105,7 +105,7 @@ mod tests {
     use super::*;
     use crate::context::ChosenBackend;
     use crate::headers::RequestHeadersLayer;
-    use crate::route::{HeaderModifier, Matched, Route, RouteKind, Rule, WeightedBackend};
+    use crate::route::{HeaderModifier, Matched};
     use crate::test_support::{body_bytes, chunked};
     use http::{HeaderName, HeaderValue};
     use std::sync::Mutex;
@@ -129,29 +129,7 @@ mod tests {
     }
 
     fn matched(filters: Vec<Filter>, backend_filters: Vec<Filter>) -> Matched {
-        Matched {
-            route: Arc::new(Route {
-                kind: RouteKind::Http,
-                namespace: "ns".into(),
-                name: "r".into(),
-                creation_timestamp: None,
-                source_order: 0,
-                hostnames: vec![],
-                rules: vec![],
-            }),
-            rule: Arc::new(Rule {
-                filters,
-                backends: vec![WeightedBackend {
-                    backend: None,
-                    weight: 1,
-                    filters: backend_filters,
-                }],
-                ..Default::default()
-            }),
-            matched_prefix: None,
-            rule_index: 0,
-            match_index: 0,
-        }
+        crate::test_support::matched(filters, backend_filters, None)
     }
 
     /// Reads the whole body, answers with it.
