@@ -11,6 +11,7 @@
 pub mod authority;
 pub mod authz;
 pub mod backend;
+pub mod breaker;
 pub mod context;
 pub mod cors;
 pub mod headers;

@@ -44,6 +44,37 @@ pub struct Rule {
     pub retry: Option<RetryPolicy>,
     /// Answer with this directly (Istio directResponse; Gateway API has none).
     pub direct_response: Option<DirectResponse>,
+    /// VirtualService `fault`: delay and/or abort a share of the requests.
+    pub fault: Option<FaultPolicy>,
+}
+
+/// VirtualService `fault`. Delay first, then abort (Envoy's fault filter order); each with its own share.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FaultPolicy {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultDelay {
+    pub fixed: Duration,
+    /// Share of requests delayed, 0.0–100.0 (`percentage.value`; 100 when absent).
+    pub percent: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultAbort {
+    pub status: AbortStatus,
+    /// Share of requests aborted, 0.0–100.0.
+    pub percent: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortStatus {
+    /// `httpStatus`.
+    Http(u16),
+    /// `grpcStatus`, as its numeric code: a trailers-only gRPC reply (HTTP 200, `grpc-status`).
+    Grpc(u32),
 }
 
 /// All conditions ANDed.
@@ -194,10 +225,15 @@ pub struct RetryPolicy {
     pub attempts: u32,
     /// Status codes that trigger a retry.
     pub codes: Vec<u16>,
-    /// Retry on connect failure, reset or refused stream (before a response arrived).
+    /// Retry on connect failure (`connect-failure`).
     pub on_connect_failure: bool,
+    /// Retry on a reset before response headers, the per-try timeout included (`reset`).
     pub on_reset: bool,
+    /// Retry when the upstream refused the stream (HTTP/2 REFUSED_STREAM; `refused-stream`).
+    pub on_refused_stream: bool,
     pub backoff: Option<Duration>,
+    /// `retryRemoteLocalities`: retries may go to endpoints in other localities (Istio's default is false).
+    pub remote_localities: bool,
 }
 
 #[derive(Debug, Clone)]

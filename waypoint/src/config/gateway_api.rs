@@ -771,6 +771,9 @@ impl TranslateCx<'_> {
                                 duration::parse(b).map_err(|e| ferr(format!("{field}.retry.backoff"), e.to_string()))
                             })
                             .transpose()?,
+                        // Gateway API retries any backend failure, refused streams included.
+                        on_refused_stream: true,
+                        remote_localities: false,
                     })
                 })
                 .transpose()?;
@@ -782,6 +785,7 @@ impl TranslateCx<'_> {
                 timeouts,
                 retry,
                 direct_response: None,
+                fault: None,
             }));
         }
         Ok(Route {
@@ -841,6 +845,7 @@ impl TranslateCx<'_> {
                 timeouts: Timeouts::default(),
                 retry: None,
                 direct_response: None,
+                fault: None,
             }));
         }
         Ok(Route {

@@ -449,6 +449,7 @@ fn compile(
                 workload: w.name.clone(),
                 namespace: w.namespace.clone(),
                 labels: w.labels.clone(),
+                locality: Default::default(),
             });
             (w.ip, ep)
         })
@@ -1103,6 +1104,7 @@ fn service_ports(
                 workload: w.name.clone(),
                 namespace: w.namespace.clone(),
                 labels: w.labels.clone(),
+                locality: Default::default(),
             }));
         }
         let protocol = PortProtocol::from_port(port.app_protocol.as_deref(), port.name.as_deref());

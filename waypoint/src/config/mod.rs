@@ -8,6 +8,7 @@ pub mod duration;
 pub mod gateway_api;
 pub mod k8s;
 pub mod load;
+pub mod policy;
 pub mod security;
 pub mod virtual_service;
 pub mod watch;
@@ -112,6 +113,9 @@ pub struct Endpoint {
     pub workload: Arc<str>,
     pub namespace: Arc<str>,
     pub labels: BTreeMap<String, String>,
+    /// Where the endpoint runs (WorkloadEntry `locality`, or the pod's `topology.kubernetes.io/region`,
+    /// `topology.kubernetes.io/zone` and `topology.istio.io/subzone` labels); empty when unknown.
+    pub locality: policy::Locality,
 }
 
 /// A service port's endpoints. The round-robin cursor is per snapshot on purpose: resetting it on a config swap
@@ -122,9 +126,17 @@ pub struct Backend {
     pub service: Arc<str>,
     pub namespace: Arc<str>,
     pub port: u16,
+    /// DestinationRule subset name when this backend is one subset of the Service port.
+    pub subset: Option<Arc<str>>,
     /// How to talk to the endpoints (the backend Service port's declared protocol).
     pub protocol: PortProtocol,
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// The DestinationRule traffic policy for this backend (merged: top level, port level, subset).
+    pub policy: Arc<policy::TrafficPolicy>,
+    /// Runtime state (load balancer, breaker, endpoint health) attached by the upstream module on first use;
+    /// the state itself lives in a registry keyed by [`Backend::key`] so it survives config swaps.
+    #[serde(skip)]
+    pub runtime: std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
     #[serde(skip)]
     cursor: AtomicUsize,
 }
@@ -141,9 +153,20 @@ impl Backend {
             service,
             namespace,
             port,
+            subset: None,
             protocol,
             endpoints,
+            policy: Arc::default(),
+            runtime: std::sync::OnceLock::new(),
             cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// Identifies the backend across snapshots: `namespace/service:port` plus `/subset` for a subset.
+    pub fn key(&self) -> String {
+        match &self.subset {
+            Some(s) => format!("{}/{}:{}/{s}", self.namespace, self.service, self.port),
+            None => format!("{}/{}:{}", self.namespace, self.service, self.port),
         }
     }
 

@@ -329,7 +329,9 @@ fn default_retry() -> RetryPolicy {
         codes: vec![503],
         on_connect_failure: true,
         on_reset: false,
+        on_refused_stream: true,
         backoff: None,
+        remote_localities: false,
     }
 }
 
@@ -595,6 +597,7 @@ pub fn translate(
                 status: d.status,
                 body: d.body.as_ref().and_then(|b| b.string.clone()).map(bytes::Bytes::from),
             }),
+            fault: None,
         }));
     }
     Ok(Route {
