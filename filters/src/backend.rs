@@ -4,7 +4,9 @@
 //! - A rule with a rule-level redirect needs no backend (Gateway API redirect rules usually have none); it
 //!   passes on with `ChosenBackend { backend: None, .. }` for the redirect layer to answer.
 //! - Weight 0 is never chosen. No backends, all weights 0, or a chosen ref that did not resolve answer 500
-//!   (Gateway API: requests for an invalid backendRef get a 500), flagged `NC` (Envoy: no cluster).
+//!   (Gateway API: requests for an invalid backendRef get a 500), flagged `NC` (Envoy: no cluster). For a
+//!   VirtualService route the answer is 503 `NC` instead: Istio leaves it to Envoy, whose router answers a
+//!   missing cluster with `cluster_not_found_response_code`, 503 by default.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -15,7 +17,7 @@ use tower::{Layer, Service};
 
 use crate::context::ChosenBackend;
 use crate::reply::{empty_body, full_body, local_reply};
-use crate::route::{DirectResponse, Filter, Matched, WeightedBackend};
+use crate::route::{DirectResponse, Filter, Matched, RouteKind, WeightedBackend};
 use crate::service::{HttpService, call_ready};
 use crate::{Body, ResponseFuture};
 
@@ -57,9 +59,9 @@ impl<S: HttpService> Service<Request<Body>> for BackendService<S> {
     }
 
     fn call(&mut self, mut req: Request<Body>) -> ResponseFuture {
-        let decision = match req.extensions().get::<Matched>() {
-            None => Decision::Fail("no route selected"),
-            Some(m) => decide(m),
+        let (decision, kind) = match req.extensions().get::<Matched>() {
+            None => (Decision::Fail("no route selected"), None),
+            Some(m) => (decide(m), Some(m.route.kind)),
         };
         let response = match decision {
             Decision::Forward(chosen) => {
@@ -67,7 +69,13 @@ impl<S: HttpService> Service<Request<Body>> for BackendService<S> {
                 return call_ready(&mut self.inner, req);
             }
             Decision::Direct(direct) => direct_reply(&direct),
-            Decision::Fail(reason) => local_reply(StatusCode::INTERNAL_SERVER_ERROR, Some("NC"), reason),
+            Decision::Fail(reason) => {
+                let status = match kind {
+                    Some(RouteKind::VirtualService) => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                local_reply(status, Some("NC"), reason)
+            }
         };
         Box::pin(std::future::ready(Ok(response)))
     }
@@ -141,9 +149,13 @@ mod tests {
     }
 
     fn matched(rule: Rule) -> Matched {
+        matched_kind(RouteKind::Http, rule)
+    }
+
+    fn matched_kind(kind: RouteKind, rule: Rule) -> Matched {
         Matched {
             route: Arc::new(Route {
-                kind: RouteKind::Http,
+                kind,
                 namespace: "ns".into(),
                 name: "r".into(),
                 creation_timestamp: None,
@@ -167,8 +179,12 @@ mod tests {
     }
 
     async fn call(rule: Rule) -> Response<Body> {
+        call_kind(RouteKind::Http, rule).await
+    }
+
+    async fn call_kind(kind: RouteKind, rule: Rule) -> Response<Body> {
         let mut req = Request::new(empty_body());
-        req.extensions_mut().insert(matched(rule));
+        req.extensions_mut().insert(matched_kind(kind, rule));
         BackendLayer.layer(chosen_echo()).oneshot(req).await.unwrap()
     }
 
@@ -206,9 +222,8 @@ mod tests {
         assert_eq!(text(res).await, "Some((Some(9), Some(1)))");
     }
 
-    #[tokio::test]
-    async fn failures_are_500() {
-        for rule in [
+    fn failing_rules() -> [Rule; 3] {
+        [
             Rule::default(),
             Rule {
                 backends: vec![wb(Some(1), 0)],
@@ -218,15 +233,41 @@ mod tests {
                 backends: vec![wb(None, 1)],
                 ..Default::default()
             },
-        ] {
-            let res = call(rule).await;
-            assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
-            assert_eq!(res.extensions().get::<ResponseFlag>(), Some(&ResponseFlag("NC")));
+        ]
+    }
+
+    #[tokio::test]
+    async fn failures_are_500() {
+        for kind in [RouteKind::Http, RouteKind::Grpc] {
+            for rule in failing_rules() {
+                let res = call_kind(kind, rule).await;
+                assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+                assert_eq!(res.extensions().get::<ResponseFlag>(), Some(&ResponseFlag("NC")));
+            }
         }
         let mut req = Request::new(empty_body());
         req.extensions_mut().insert(());
         let res = BackendLayer.layer(chosen_echo()).oneshot(req).await.unwrap();
         assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[tokio::test]
+    async fn virtual_service_failures_are_503() {
+        for rule in failing_rules() {
+            let res = call_kind(RouteKind::VirtualService, rule).await;
+            assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(res.extensions().get::<ResponseFlag>(), Some(&ResponseFlag("NC")));
+        }
+        // A resolved destination is still forwarded.
+        let res = call_kind(
+            RouteKind::VirtualService,
+            Rule {
+                backends: vec![wb(None, 0), wb(Some(3), 1)],
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(text(res).await, "Some((Some(3), Some(1)))");
     }
 
     #[tokio::test]

@@ -5,13 +5,19 @@
 //! - `Arc<dyn MirrorSink>`: inserted by the waypoint; where the mirror layer hands request copies.
 //! - [`Matched`]: inserted by the route layer.
 //! - [`ChosenBackend`]: inserted by the backend layer.
+//! - `Arc<`[`CircuitBreaker`](crate::breaker::CircuitBreaker)`>`: inserted by the waypoint for the chosen
+//!   backend (absent = no limits); read by the retry layer (`try_retry`) and the breaker layer (`try_request`).
+//! - [`Attempt`]: inserted by the retry layer on every attempt when the rule has a retry policy; the upstream
+//!   service records the endpoint it used and avoids those on later attempts.
 //!
 //! Response extensions:
 //! - [`ResponseFlag`]: on every reply the proxy made itself (Envoy's response flag, for the access log).
 //! - [`UpstreamFailure`]: put by the waypoint's upstream service on the 5xx it makes when the upstream failed,
-//!   so retry can tell a failed connect from a backend's own 503.
+//!   so retry can tell a failed connect from a backend's own 503. The breaker layer marks its `UO` overflow
+//!   replies the same way (kind [`FailureKind::Overflow`]) so they are never retried.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use http::Request;
 
@@ -31,12 +37,50 @@ pub enum FailureKind {
     Reset,
     /// The attempt ran out of time (per-try timeout).
     Timeout,
+    /// The upstream refused the stream before processing it (HTTP/2 `REFUSED_STREAM`): safe to retry.
+    RefusedStream,
+    /// A circuit breaker limit overflowed (`UO`): never retried, as in Envoy (an overflow reset is the one
+    /// reset reason its router never retries).
+    Overflow,
 }
 
 /// Marks a 5xx the proxy made because the upstream failed (not a status the backend sent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpstreamFailure {
     pub kind: FailureKind,
+}
+
+/// One attempt of a request under a retry policy (Envoy's `previous_hosts` retry host predicate, which Istio
+/// configures on every route with retries). Clones share `tried`, so every attempt of one request sees the
+/// endpoints the earlier ones used.
+#[derive(Debug, Clone, Default)]
+pub struct Attempt {
+    /// 1 for the first attempt.
+    pub number: u32,
+    /// `retryRemoteLocalities`: retries may leave the endpoint's locality.
+    pub remote_localities: bool,
+    /// Endpoints earlier attempts of this request went to, in order.
+    pub tried: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl Attempt {
+    /// Records the endpoint this attempt is sent to (called by the upstream service).
+    pub fn record(&self, endpoint: SocketAddr) {
+        self.tried.lock().unwrap_or_else(PoisonError::into_inner).push(endpoint);
+    }
+
+    /// Whether an earlier attempt of this request used `endpoint`.
+    pub fn was_tried(&self, endpoint: SocketAddr) -> bool {
+        self.tried
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&endpoint)
+    }
+
+    /// The endpoints used so far, in order.
+    pub fn tried(&self) -> Vec<SocketAddr> {
+        self.tried.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
 }
 
 /// The backend the backend layer picked for this request.

@@ -2,11 +2,16 @@
 //! so the dependency arrow points one way (waypoint → filters) and each layer is testable with plain structs.
 //!
 //! The waypoint composes the per-request layers in this order (outermost first):
-//! [`route`] → [`backend`] → [`cors`] → [`redirect`] → [`headers::RequestHeadersLayer`] → [`rewrite`] →
-//! [`mirror`] → [`headers::ResponseHeadersLayer`] → [`timeout::TimeoutLayer::request`] → [`retry`] →
-//! [`timeout::TimeoutLayer::per_try`] → upstream. They talk to each other only through the request and
-//! response extensions defined in [`context`]. Every service answers failures as responses (`Error =
-//! Infallible`), flagged with a [`context::ResponseFlag`].
+//! [`route`] → [`backend`] → [`fault`] → [`cors`] → [`redirect`] → [`headers::RequestHeadersLayer`] →
+//! [`rewrite`] → [`mirror`] → [`headers::ResponseHeadersLayer`] → [`timeout::TimeoutLayer::request`] →
+//! [`retry`] → [`timeout::TimeoutLayer::per_try`] → [`breaker::BreakerLayer`] → upstream.
+//!
+//! Fault injection comes right after the backend is chosen and before the timeouts, as Envoy's fault filter
+//! sits before its router (the injected delay is not part of the route timeout; an aborted request is neither
+//! forwarded nor mirrored). The breaker is innermost, inside the per-try timeout, so each attempt takes its own
+//! request permit. The layers talk to each other only through the request and response extensions defined in
+//! [`context`]. Every service answers failures as responses (`Error = Infallible`), flagged with a
+//! [`context::ResponseFlag`].
 
 pub mod authority;
 pub mod authz;
@@ -14,6 +19,7 @@ pub mod backend;
 pub mod breaker;
 pub mod context;
 pub mod cors;
+pub mod fault;
 pub mod headers;
 pub mod jwt;
 pub mod mirror;
