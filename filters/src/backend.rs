@@ -148,10 +148,6 @@ mod tests {
         }
     }
 
-    fn matched(rule: Rule) -> Matched {
-        matched_kind(RouteKind::Http, rule)
-    }
-
     fn matched_kind(kind: RouteKind, rule: Rule) -> Matched {
         Matched {
             route: Arc::new(Route {
