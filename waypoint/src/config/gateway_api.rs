@@ -408,6 +408,12 @@ pub(crate) fn ferr(field: impl Into<String>, reason: impl Into<String>) -> Field
 /// Resolves a backend reference (namespace, service name, service port) to the snapshot's backend table.
 pub trait BackendResolver {
     fn backend(&self, namespace: &str, name: &str, port: Option<u16>) -> Option<BackendId>;
+
+    /// One DestinationRule subset of a Service port (`port` as in [`BackendResolver::backend`]); `None` when
+    /// no applying DestinationRule defines the subset.
+    fn subset(&self, _namespace: &str, _name: &str, _port: Option<u16>, _subset: &str) -> Option<BackendId> {
+        None
+    }
 }
 
 /// Who may reference whom across namespaces.

@@ -173,6 +173,12 @@ pub struct WaypointConfigSpec {
     pub watch_interval: Option<String>,
     #[serde(default)]
     pub security: Option<super::security::SecuritySettingsSpec>,
+    /// `region/zone/subzone` of the node the waypoint runs on.
+    #[serde(default)]
+    pub locality: Option<String>,
+    /// The waypoint's own labels (its pod's, in a cluster), for `failoverPriority`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

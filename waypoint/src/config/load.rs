@@ -15,8 +15,10 @@ use serde::de::DeserializeOwned;
 
 use waypoint_filters::route::{BackendId, Route, RouteKind, RouteTable, Rule, WeightedBackend};
 
-use super::gateway_api::{self as gw, BackendResolver, Grants, TranslateCx};
+use super::destination_rule as dr;
+use super::gateway_api::{self as gw, BackendResolver, FieldError, Grants, TranslateCx};
 use super::k8s::{self, IntOrString};
+use super::policy::Locality;
 use super::security::{
     self as sec, JwksSource, NoFetch, SecurityCx, SecurityIndex, SecuritySettings, security_settings,
 };
@@ -109,6 +111,7 @@ pub fn parse_config_with(
     let mut cx = Ctx {
         file,
         errors: Vec::new(),
+        warnings: Vec::new(),
         doc: 0,
         line: 0,
         object: None,
@@ -176,6 +179,8 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
 struct Ctx<'a> {
     file: &'a str,
     errors: Vec<ConfigError>,
+    /// Rendered like errors; kept in the snapshot and logged.
+    warnings: Vec<String>,
     doc: usize,
     line: usize,
     object: Option<String>,
@@ -195,6 +200,23 @@ impl Ctx<'_> {
 
     fn field_error(&mut self, field: &str, reason: impl Into<String>) {
         self.error(Some(field.to_string()), reason);
+    }
+
+    /// Something accepted but not acted on, or an object that does not apply: logged and kept in the snapshot.
+    fn warn(&mut self, field: Option<&str>, reason: impl Into<String>) {
+        let line = ConfigError {
+            file: self.file.to_string(),
+            document: self.doc,
+            line: self.line,
+            object: self.object.clone(),
+            field: field.map(str::to_string),
+            reason: reason.into(),
+        }
+        .to_string();
+        tracing::warn!("{line}");
+        if !self.warnings.contains(&line) {
+            self.warnings.push(line);
+        }
     }
 }
 
@@ -218,6 +240,7 @@ struct Objects {
     grpc_routes: Vec<(Origin, gw::GrpcRoute)>,
     grants: Vec<(Origin, gw::ReferenceGrant)>,
     virtual_services: Vec<(Origin, vs::VirtualService)>,
+    destination_rules: Vec<(Origin, dr::DestinationRule)>,
     authorization_policies: Vec<(Origin, sec::AuthorizationPolicy)>,
     request_authentications: Vec<(Origin, sec::RequestAuthentication)>,
     skipped: Vec<String>,
@@ -274,6 +297,7 @@ impl Objects {
             ("gateway.networking.k8s.io", "GRPCRoute") => push(cx, &mut self.grpc_routes, origin, value),
             ("gateway.networking.k8s.io", "ReferenceGrant") => push(cx, &mut self.grants, origin, value),
             ("networking.istio.io", "VirtualService") => push(cx, &mut self.virtual_services, origin, value),
+            ("networking.istio.io", "DestinationRule") => push(cx, &mut self.destination_rules, origin, value),
             ("security.istio.io", "AuthorizationPolicy") => push(cx, &mut self.authorization_policies, origin, value),
             ("security.istio.io", "RequestAuthentication") => {
                 push(cx, &mut self.request_authentications, origin, value)
@@ -301,6 +325,52 @@ fn with_origin<R>(cx: &mut Ctx<'_>, origin: &Origin, f: impl FnOnce(&mut Ctx<'_>
     cx.line = origin.line;
     cx.object = Some(origin.object.clone());
     f(cx)
+}
+
+/// [`with_origin`] for a report about another object than the one being compiled: the current origin is
+/// restored afterwards.
+fn with_origin_keep<R>(cx: &mut Ctx<'_>, origin: &Origin, f: impl FnOnce(&mut Ctx<'_>) -> R) -> R {
+    let here = (cx.doc, cx.line, cx.object.clone());
+    let out = with_origin(cx, origin, f);
+    (cx.doc, cx.line, cx.object) = here;
+    out
+}
+
+/// Validate every DestinationRule (an invalid one fails the load even if it applies to nothing) and index the
+/// ones that may apply to this waypoint.
+fn destination_rules(cx: &mut Ctx<'_>, settings: &Settings, objects: &Objects) -> dr::DrIndex {
+    let mut index = dr::DrIndex::default();
+    for (origin, rule) in &objects.destination_rules {
+        with_origin(cx, origin, |cx| {
+            match dr::translate(rule, &settings.cluster_domain, &settings.namespace, origin.doc) {
+                Err(errors) => {
+                    for e in errors {
+                        cx.field_error(&e.field, e.reason);
+                    }
+                }
+                Ok(t) => {
+                    for w in t.warnings {
+                        cx.warn(Some(&w.field), w.reason);
+                    }
+                    match t.outcome {
+                        dr::Outcome::Applies(rule) => index.add(*rule),
+                        dr::Outcome::Skipped(reason) => {
+                            cx.warn(None, format!("does not apply to this waypoint: {reason}"))
+                        }
+                    }
+                }
+            }
+        });
+    }
+    index
+}
+
+fn dr_origin<'a>(objects: &'a Objects, rule: &dr::CompiledRule) -> Option<&'a Origin> {
+    objects
+        .destination_rules
+        .iter()
+        .find(|(_, d)| d.metadata.name == rule.name && ns_of(&d.metadata) == rule.namespace)
+        .map(|(o, _)| o)
 }
 
 fn compile(
@@ -337,15 +407,50 @@ fn compile(
     };
     let mut security = security_index(cx, &settings, &security_settings, &objects, jwks);
     let workloads = workloads(cx, &settings, &objects);
+    let drs = destination_rules(cx, &settings, &objects);
+    let lookup = [settings.namespace.as_str(), security_settings.root_namespace.as_str()];
+    let mut used_rules: HashSet<(String, String)> = HashSet::new();
 
     // Every Service port becomes a backend first: bindings, routes and mirrors all refer to them by id.
     let mut index = BackendIndex::default();
     let mut ports_of_service: Vec<Vec<(SvcPort, BackendId)>> = Vec::new();
     for (origin, svc) in &objects.services {
+        let ns = ns_of(&svc.metadata);
+        let selection = drs.select(
+            ns,
+            &svc.metadata.name,
+            &settings.cluster_domain,
+            &[ns, lookup[0], lookup[1]],
+        );
+        if let Some(rule) = selection.rule {
+            used_rules.insert((rule.namespace.clone(), rule.name.clone()));
+            tracing::debug!(service = %format!("{ns}/{}", svc.metadata.name), rule = %rule.object(), "DestinationRule applies");
+        }
+        for shadowed in &selection.shadowed {
+            if let (Some(rule), Some(o)) = (selection.rule, dr_origin(&objects, shadowed)) {
+                let reason = format!(
+                    "ignored for Service {ns}/{}: {} for the same host is older and applies",
+                    svc.metadata.name,
+                    rule.object()
+                );
+                with_origin_keep(cx, o, |cx| cx.warn(Some("spec.host"), reason));
+            }
+        }
         let ports = with_origin(cx, origin, |cx| {
-            service_ports(cx, &settings, svc, &workloads, &mut index)
+            service_ports(cx, &settings, svc, &workloads, &mut index, selection.rule)
         });
         ports_of_service.push(ports);
+    }
+    for rule in drs.rules() {
+        if !used_rules.contains(&(rule.namespace.clone(), rule.name.clone()))
+            && let Some(o) = dr_origin(&objects, rule)
+        {
+            let reason = format!(
+                "host {:?} selects no Service of this waypoint (looked up in the Service's namespace, {:?} and {:?})",
+                rule.host, lookup[0], lookup[1]
+            );
+            with_origin_keep(cx, o, |cx| cx.warn(Some("spec.host"), reason));
+        }
     }
 
     let routes = with_routes(cx, &objects, &index);
@@ -374,6 +479,7 @@ fn compile(
                 .iter()
                 .filter(|(_, v)| {
                     v.applies_to_mesh()
+                        && v.visible_from(&settings.namespace)
                         && v.host_services(&settings.cluster_domain)
                             .iter()
                             .any(|(n, s)| n == ns && *s == svc.metadata.name)
@@ -389,7 +495,19 @@ fn compile(
                     } else {
                         let mut compiled = Vec::new();
                         for (vorigin, v) in &vss {
-                            match vs::translate(v, port.port, &settings.cluster_domain, &index, vorigin.doc) {
+                            let mut warnings: Vec<FieldError> = Vec::new();
+                            let translated = vs::translate(
+                                v,
+                                port.port,
+                                &settings.cluster_domain,
+                                &index,
+                                vorigin.doc,
+                                &mut warnings,
+                            );
+                            for w in warnings {
+                                with_origin_keep(cx, vorigin, |cx| cx.warn(Some(&w.field), w.reason));
+                            }
+                            match translated {
                                 Ok(r) => compiled.push(Arc::new(r)),
                                 Err(e) => {
                                     if vs_errors.insert((vorigin.doc, e.field.clone())) {
@@ -410,8 +528,12 @@ fn compile(
                 }
                 for vip in &vips {
                     let svc_security = security.for_service(ns, &svc.metadata.name);
-                    let default_table = (svc_security.jwt.is_some() || svc_security.authz.is_some())
-                        .then(|| default_table(ns, &svc.metadata.name, *id));
+                    // The policy layers (security, and the circuit breakers of a DestinationRule) sit in the routed
+                    // pipeline: an address without routes gets a one-rule table to run them.
+                    let default_table = (svc_security.jwt.is_some()
+                        || svc_security.authz.is_some()
+                        || index.backends[id.0].policy.needs_pipeline())
+                    .then(|| default_table(ns, &svc.metadata.name, *id));
                     let binding = ServiceBinding {
                         default_table,
                         security: svc_security,
@@ -449,7 +571,7 @@ fn compile(
                 workload: w.name.clone(),
                 namespace: w.namespace.clone(),
                 labels: w.labels.clone(),
-                locality: Default::default(),
+                locality: w.locality.clone(),
             });
             (w.ip, ep)
         })
@@ -462,6 +584,7 @@ fn compile(
         backends: index.backends,
         workloads: workload_map,
         skipped: objects.skipped,
+        warnings: std::mem::take(&mut cx.warnings),
         security: security_settings,
     })
 }
@@ -471,21 +594,41 @@ fn compile(
 struct BackendIndex {
     backends: Vec<Arc<Backend>>,
     by_port: HashMap<(String, String, u16), BackendId>,
+    /// DestinationRule subsets: (namespace, service, port, subset).
+    by_subset: HashMap<(String, String, u16, String), BackendId>,
     /// Ports per service, for refs that omit the port (valid when the Service has exactly one).
     ports: HashMap<(String, String), Vec<u16>>,
 }
 
+impl BackendIndex {
+    fn port_of(&self, namespace: &str, name: &str, port: Option<u16>) -> Option<u16> {
+        match port {
+            Some(p) => Some(p),
+            None => match self
+                .ports
+                .get(&(namespace.to_string(), name.to_string()))
+                .map(Vec::as_slice)
+            {
+                Some([only]) => Some(*only),
+                _ => None,
+            },
+        }
+    }
+}
+
 impl BackendResolver for BackendIndex {
     fn backend(&self, namespace: &str, name: &str, port: Option<u16>) -> Option<BackendId> {
-        let key = (namespace.to_string(), name.to_string());
-        let port = match port {
-            Some(p) => p,
-            None => match self.ports.get(&key).map(Vec::as_slice) {
-                Some([only]) => *only,
-                _ => return None,
-            },
-        };
-        self.by_port.get(&(key.0, key.1, port)).copied()
+        let port = self.port_of(namespace, name, port)?;
+        self.by_port
+            .get(&(namespace.to_string(), name.to_string(), port))
+            .copied()
+    }
+
+    fn subset(&self, namespace: &str, name: &str, port: Option<u16>, subset: &str) -> Option<BackendId> {
+        let port = self.port_of(namespace, name, port)?;
+        self.by_subset
+            .get(&(namespace.to_string(), name.to_string(), port, subset.to_string()))
+            .copied()
     }
 }
 
@@ -869,6 +1012,16 @@ fn settings_from(cx: &mut Ctx<'_>, base_dir: &Path, wc: &k8s::WaypointConfig) ->
     if watch_interval.is_zero() {
         cx.field_error("spec.watchInterval", "must be greater than zero");
     }
+    let locality = match spec.locality.as_deref().map(parse_locality) {
+        None => Locality::default(),
+        Some(Ok(l)) => l,
+        Some(Err(reason)) => {
+            cx.field_error("spec.locality", reason);
+            Locality::default()
+        }
+    };
+    let mut labels = spec.labels.clone();
+    locality.add_labels(&mut labels);
     Some(Settings {
         name: wc.metadata.name.clone(),
         namespace: wc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
@@ -887,7 +1040,21 @@ fn settings_from(cx: &mut Ctx<'_>, base_dir: &Path, wc: &k8s::WaypointConfig) ->
             .as_ref()
             .and_then(|s| s.jwks_roots_file.as_deref())
             .map(resolve),
+        locality,
+        labels,
     })
+}
+
+/// `region/zone/subzone` (trailing parts may be omitted), as WorkloadEntry `locality` and Istio write it.
+fn parse_locality(s: &str) -> Result<Locality, String> {
+    let parts: Vec<&str> = s.split('/').collect();
+    if parts.len() > 3 {
+        return Err(format!("{s:?} is not region/zone/subzone"));
+    }
+    if parts.iter().any(|p| p.contains('*')) {
+        return Err(format!("{s:?}: a locality has no wildcards"));
+    }
+    Ok(Locality::parse(s))
 }
 
 fn port_or_error(cx: &mut Ctx<'_>, field: &str, p: i64) -> Option<u16> {
@@ -908,6 +1075,7 @@ struct Workload {
     labels: BTreeMap<String, String>,
     identity: SpiffeId,
     hbone: bool,
+    locality: Locality,
     /// Named container ports (Pod) or service-port-name overrides (WorkloadEntry).
     named_ports: BTreeMap<String, u16>,
     /// WorkloadEntry `ports` override the Service targetPort by service port *name*; Pod names are container
@@ -958,6 +1126,8 @@ fn workloads(cx: &mut Ctx<'_>, settings: &Settings, objects: &Objects) -> Vec<Wo
                 namespace: ns.into(),
                 ip,
                 labels: pod.metadata.labels.clone(),
+                // In a cluster these are node labels; the pod carries them here.
+                locality: Locality::from_labels(&pod.metadata.labels),
                 hbone: speaks_hbone(&pod.metadata.labels, &pod.metadata.annotations),
                 named_ports,
                 port_overrides_by_service_port_name: false,
@@ -979,10 +1149,23 @@ fn workloads(cx: &mut Ctx<'_>, settings: &Settings, objects: &Objects) -> Vec<Wo
             };
             let ns = we.metadata.namespace.clone().unwrap_or_else(|| "default".into());
             let sa = we.spec.service_account.clone().unwrap_or_else(|| "default".into());
-            let labels = if we.spec.labels.is_empty() {
+            let mut labels = if we.spec.labels.is_empty() {
                 we.metadata.labels.clone()
             } else {
                 we.spec.labels.clone()
+            };
+            let locality = match we.spec.locality.as_deref().filter(|l| !l.is_empty()) {
+                None => Locality::from_labels(&labels),
+                Some(l) => match parse_locality(l) {
+                    Ok(loc) => {
+                        loc.add_labels(&mut labels);
+                        loc
+                    }
+                    Err(reason) => {
+                        cx.field_error("spec.locality", reason);
+                        return;
+                    }
+                },
             };
             let mut named_ports = BTreeMap::new();
             for (name, p) in &we.spec.ports {
@@ -997,6 +1180,7 @@ fn workloads(cx: &mut Ctx<'_>, settings: &Settings, objects: &Objects) -> Vec<Wo
                 ip,
                 hbone: speaks_hbone(&labels, &we.metadata.annotations),
                 labels,
+                locality,
                 named_ports,
                 port_overrides_by_service_port_name: true,
             });
@@ -1034,13 +1218,15 @@ fn service_vips(cx: &mut Ctx<'_>, svc: &k8s::Service) -> Vec<IpAddr> {
     vips
 }
 
-/// Resolve every port of a Service to its endpoints and register each as a backend.
+/// Resolve every port of a Service to its endpoints and register each as a backend, with the traffic policy of
+/// `rule` (the DestinationRule that applies to the Service) and one more backend per subset of that rule.
 fn service_ports(
     cx: &mut Ctx<'_>,
     settings: &Settings,
     svc: &k8s::Service,
     workloads: &[Workload],
     index: &mut BackendIndex,
+    rule: Option<&dr::CompiledRule>,
 ) -> Vec<(SvcPort, BackendId)> {
     let ns: Arc<str> = svc.metadata.namespace.as_deref().unwrap_or("default").into();
     let name: Arc<str> = svc.metadata.name.as_str().into();
@@ -1104,18 +1290,36 @@ fn service_ports(
                 workload: w.name.clone(),
                 namespace: w.namespace.clone(),
                 labels: w.labels.clone(),
-                locality: Default::default(),
+                locality: w.locality.clone(),
             }));
         }
         let protocol = PortProtocol::from_port(port.app_protocol.as_deref(), port.name.as_deref());
+        if let Some(rule) = rule {
+            for subset in &rule.subsets {
+                let eps: Vec<Arc<Endpoint>> = endpoints
+                    .iter()
+                    .filter(|e| subset.labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+                    .cloned()
+                    .collect();
+                if eps.is_empty() {
+                    tracing::debug!(service = %format!("{ns}/{name}"), port = svc_port, subset = %subset.name, "no endpoint has the subset's labels");
+                }
+                let mut backend = Backend::new(name.clone(), ns.clone(), svc_port, protocol, eps);
+                backend.subset = Some(subset.name.as_str().into());
+                backend.policy = Arc::new(rule.policy(svc_port, Some(&subset.name)));
+                let sid = BackendId(index.backends.len());
+                index.backends.push(Arc::new(backend));
+                index
+                    .by_subset
+                    .insert((ns.to_string(), name.to_string(), svc_port, subset.name.clone()), sid);
+            }
+        }
         let id = BackendId(index.backends.len());
-        index.backends.push(Arc::new(Backend::new(
-            name.clone(),
-            ns.clone(),
-            svc_port,
-            protocol,
-            endpoints,
-        )));
+        let mut backend = Backend::new(name.clone(), ns.clone(), svc_port, protocol, endpoints);
+        if let Some(rule) = rule {
+            backend.policy = Arc::new(rule.policy(svc_port, None));
+        }
+        index.backends.push(Arc::new(backend));
         index.by_port.insert((ns.to_string(), name.to_string(), svc_port), id);
         index
             .ports

@@ -4,6 +4,7 @@
 //! VIP:port → service binding, target ports per endpoint, each endpoint's identity and HBONE address. The data
 //! path pays one atomic load (`ArcSwap::load`) and hash lookups, never parsing or selector matching.
 
+pub mod destination_rule;
 pub mod duration;
 pub mod gateway_api;
 pub mod k8s;
@@ -49,6 +50,12 @@ pub struct Settings {
     pub watch_interval: Duration,
     /// PEM roots for HTTPS JWKS fetches (`spec.security.jwksRootsFile`).
     pub jwks_roots_file: Option<PathBuf>,
+    /// Where the waypoint runs (`spec.locality`, `region/zone/subzone`): the reference point of locality load
+    /// balancing.
+    pub locality: policy::Locality,
+    /// The waypoint's own labels (`spec.labels`, plus the topology labels of `spec.locality` when not given),
+    /// compared with endpoint labels by `localityLbSetting.failoverPriority`.
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -270,6 +277,9 @@ pub struct Snapshot {
     pub workloads: HashMap<IpAddr, Arc<Endpoint>>,
     /// Kinds present in the source that this build does not act on, reported at load.
     pub skipped: Vec<String>,
+    /// Fields accepted but not acted on, and objects that do not apply to this waypoint: one line each, naming
+    /// file, document, object and field (the same lines are logged at load).
+    pub warnings: Vec<String>,
     /// Compiled `WaypointConfig.spec.security`.
     #[serde(skip)]
     pub security: security::SecuritySettings,

@@ -14,9 +14,13 @@ use serde::Serialize;
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicy {
     pub lb: LbPolicy,
-    /// `loadBalancer.localityLbSetting` (only acted on when outlier detection is configured, as in Istio).
+    /// `loadBalancer.localityLbSetting`. `None` = locality load balancing off (`enabled: false`, or no rule
+    /// selects the backend). A rule without `localityLbSetting` gets `Some(LocalityLb::default())`: Istio's mesh
+    /// default enables locality failover (prefer the waypoint's own region/zone/subzone), which Istio only acts
+    /// on when outlier detection is configured; `distribute` weights apply without it.
     pub locality: Option<LocalityLb>,
-    /// `loadBalancer.warmupDurationSecs`: new endpoints ramp up their share over this window.
+    /// `loadBalancer.warmup.duration` (or the deprecated `warmupDurationSecs`): new endpoints ramp up their share
+    /// over this window. Only set with `RoundRobin` and `LeastRequest` (Istio ignores it for the others).
     #[serde(with = "super::duration::serde_opt_millis")]
     pub warmup: Option<Duration>,
     pub pool: ConnectionPool,
@@ -34,14 +38,18 @@ impl TrafficPolicy {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum LbPolicy {
-    /// Istio's default for a DestinationRule without `loadBalancer` (`UNSPECIFIED`/`ROUND_ROBIN`).
+    /// `ROUND_ROBIN`, and what `UNSPECIFIED` or a rule without `loadBalancer` get here. Note: istiod ≥ 1.14
+    /// translates `UNSPECIFIED` to Envoy's `LEAST_REQUEST` (`ROUND_ROBIN` only with its legacy-default flag).
     #[default]
     RoundRobin,
     /// Power of two random choices by active requests (`LEAST_REQUEST`, also `LEAST_CONN`).
     LeastRequest,
     Random,
     /// `consistentHash`.
-    Hash { key: HashKey, algo: HashAlgo },
+    Hash {
+        key: HashKey,
+        algo: HashAlgo,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -117,6 +125,10 @@ pub struct OutlierPolicy {
     pub max_ejection_percent: u32,
     /// `minHealthPercent` (default 0): below this share of healthy endpoints, ejections are ignored (panic).
     pub min_health_percent: u32,
+    /// `splitExternalLocalOriginErrors: true`: local-origin failures (connect failure, reset, timeout) are
+    /// counted on their own and eject after `consecutiveLocalOriginFailures` (default 5) in a row; they then no
+    /// longer count as 5xx or gateway errors (Envoy's `split_external_local_origin_errors`). `None` = not split.
+    pub consecutive_local_origin: Option<u32>,
 }
 
 impl Default for OutlierPolicy {
@@ -128,6 +140,7 @@ impl Default for OutlierPolicy {
             base_ejection: Duration::from_secs(30),
             max_ejection_percent: 10,
             min_health_percent: 0,
+            consecutive_local_origin: None,
         }
     }
 }
@@ -140,10 +153,16 @@ pub struct LocalityLb {
     pub distribute: Vec<(String, Vec<(String, u32)>)>,
     /// `failover`: (from region, to region).
     pub failover: Vec<(String, String)>,
-    /// `failoverPriority`: label keys; endpoints matching the waypoint's own labels on more leading keys
-    /// come first.
+    /// `failoverPriority`, as written: `key` (the endpoint's label must equal the waypoint's own, see
+    /// `Settings.labels`) or `key=value` (the endpoint's label must equal `value`). Endpoints matching more
+    /// leading entries come first; entry n only counts when entries 0..n all match.
     pub failover_priority: Vec<String>,
 }
+
+/// Topology labels (Kubernetes node labels Istio copies onto endpoints; pod labels here).
+pub const LABEL_REGION: &str = "topology.kubernetes.io/region";
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+pub const LABEL_SUBZONE: &str = "topology.istio.io/subzone";
 
 /// Where an endpoint (or the waypoint itself) runs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
@@ -166,5 +185,35 @@ impl Locality {
 
     pub fn is_empty(&self) -> bool {
         self.region.is_empty() && self.zone.is_empty() && self.subzone.is_empty()
+    }
+
+    /// From the topology labels (absent labels leave that level empty).
+    pub fn from_labels(labels: &std::collections::BTreeMap<String, String>) -> Locality {
+        let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+        Locality {
+            region: get(LABEL_REGION),
+            zone: get(LABEL_ZONE),
+            subzone: get(LABEL_SUBZONE),
+        }
+    }
+
+    /// Adds the topology labels of this locality where `labels` has none (Istio augments endpoint labels the
+    /// same way, so subsets and `failoverPriority` can select on them).
+    pub fn add_labels(&self, labels: &mut std::collections::BTreeMap<String, String>) {
+        for (k, v) in [
+            (LABEL_REGION, &self.region),
+            (LABEL_ZONE, &self.zone),
+            (LABEL_SUBZONE, &self.subzone),
+        ] {
+            if !v.is_empty() {
+                labels.entry(k.to_string()).or_insert_with(|| v.clone());
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Locality {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.region, self.zone, self.subzone)
     }
 }

@@ -2,11 +2,13 @@
 //! the same compiled route model as Gateway API routes (kind `VirtualService`: first match wins, in order).
 //!
 //! Supported per http route: `match` (uri exact/prefix/regex, `ignoreUriCase`, headers, `withoutHeaders`,
-//! queryParams, method, port), `route` destinations with weights and per-destination headers, `redirect`,
-//! `rewrite` (uri, authority, `uriRegexRewrite`), `headers` (request/response set/add/remove), `timeout`,
-//! `retries` (attempts, perTryTimeout, retryOn), `mirror`/`mirrors` with percentage, `corsPolicy`,
-//! `directResponse`. `fault` and destination `subset`s need DestinationRule/fault support that is not built
-//! yet: a route using them is reported, and a subset destination answers 500 rather than silently ignoring it.
+//! queryParams, method, port, scheme, gateways), `route` destinations with subsets, weights and per-destination
+//! headers, `redirect`, `rewrite` (uri, authority, `uriRegexRewrite`), `headers` (request/response
+//! set/add/remove), `timeout`, `retries`, `fault` (delay, abort), `mirror`/`mirrors` with percentage,
+//! `corsPolicy`, `directResponse`. Every field of the API is declared (an unknown one is an error); the few the
+//! route model cannot express either never match (`sourceLabels`, `sourceNamespace`, `authority`: a match meant
+//! for other requests must not apply to all of them) or are rejected (`delegate`, `fault.abort.http2Error`),
+//! each with a warning or error naming the field.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,8 +17,9 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use serde::Deserialize;
 use waypoint_filters::route::{
-    CorsPolicy, DirectResponse, Filter, HeaderMatch, HeaderModifier, Mirror, PathMatch, PathModifier, QueryMatch,
-    Redirect, RetryPolicy, Rewrite, Route, RouteKind, RouteMatch, Rule, StringMatch, Timeouts, WeightedBackend,
+    AbortStatus, CorsPolicy, DirectResponse, FaultAbort, FaultDelay, FaultPolicy, Filter, HeaderMatch, HeaderModifier,
+    Mirror, PathMatch, PathModifier, QueryMatch, Redirect, RetryPolicy, Rewrite, Route, RouteKind, RouteMatch, Rule,
+    StringMatch, Timeouts, WeightedBackend,
 };
 
 use super::duration;
@@ -31,6 +34,7 @@ pub struct VirtualService {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VsSpec {
     #[serde(default)]
     pub hosts: Vec<String>,
@@ -38,10 +42,18 @@ pub struct VsSpec {
     pub gateways: Vec<String>,
     #[serde(default)]
     pub http: Vec<HttpRoute>,
+    /// TLS (SNI) routes: not applied (a waypoint does not route unterminated TLS by SNI).
+    #[serde(default)]
+    pub tls: Vec<serde_json::Value>,
+    /// Opaque TCP routes: not applied (TCP tunnels go to the Service's own endpoints).
+    #[serde(default)]
+    pub tcp: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRoute {
     #[serde(default)]
     pub name: Option<String>,
@@ -54,15 +66,20 @@ pub struct HttpRoute {
     #[serde(default)]
     pub direct_response: Option<VsDirectResponse>,
     #[serde(default)]
+    pub delegate: Option<serde_json::Value>,
+    #[serde(default)]
     pub rewrite: Option<VsRewrite>,
     #[serde(default)]
     pub timeout: Option<String>,
     #[serde(default)]
     pub retries: Option<VsRetries>,
     #[serde(default)]
-    pub fault: Option<serde_json::Value>,
+    pub fault: Option<VsFault>,
     #[serde(default)]
     pub mirror: Option<DestinationRef>,
+    /// Deprecated integer form of `mirrorPercentage`.
+    #[serde(default)]
+    pub mirror_percent: Option<i64>,
     #[serde(default)]
     pub mirror_percentage: Option<Percent>,
     #[serde(default)]
@@ -74,12 +91,18 @@ pub struct HttpRoute {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MatchRequest {
+    #[serde(default)]
+    pub name: Option<String>,
     #[serde(default)]
     pub uri: Option<StringSpec>,
     #[serde(default)]
+    pub scheme: Option<StringSpec>,
+    #[serde(default)]
     pub method: Option<StringSpec>,
+    #[serde(default)]
+    pub authority: Option<StringSpec>,
     #[serde(default)]
     pub headers: BTreeMap<String, StringSpec>,
     #[serde(default)]
@@ -92,10 +115,17 @@ pub struct MatchRequest {
     pub port: Option<u16>,
     #[serde(default)]
     pub source_labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub source_namespace: Option<String>,
+    #[serde(default)]
+    pub stat_prefix: Option<String>,
 }
 
 /// Istio `StringMatch`: one of exact / prefix / regex (an empty object matches presence).
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StringSpec {
     #[serde(default)]
     pub exact: Option<String>,
@@ -106,6 +136,7 @@ pub struct StringSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Destination {
     pub destination: DestinationRef,
     #[serde(default)]
@@ -115,6 +146,7 @@ pub struct Destination {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DestinationRef {
     pub host: String,
     #[serde(default)]
@@ -124,16 +156,21 @@ pub struct DestinationRef {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PortSelector {
     pub number: u16,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// Istio `Percent` (0.0–100.0; an empty object is 0).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Percent {
+    #[serde(default)]
     pub value: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MirrorPolicy {
     pub destination: DestinationRef,
     #[serde(default)]
@@ -141,7 +178,7 @@ pub struct MirrorPolicy {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VsRedirect {
     #[serde(default)]
     pub uri: Option<String>,
@@ -150,12 +187,15 @@ pub struct VsRedirect {
     #[serde(default)]
     pub port: Option<u16>,
     #[serde(default)]
+    pub derive_port: Option<String>,
+    #[serde(default)]
     pub scheme: Option<String>,
     #[serde(default)]
     pub redirect_code: Option<u16>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VsDirectResponse {
     pub status: u16,
     #[serde(default)]
@@ -163,13 +203,17 @@ pub struct VsDirectResponse {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VsBody {
     #[serde(default)]
     pub string: Option<String>,
+    /// Base64, as protobuf JSON writes bytes.
+    #[serde(default)]
+    pub bytes: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VsRewrite {
     #[serde(default)]
     pub uri: Option<String>,
@@ -180,6 +224,7 @@ pub struct VsRewrite {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RegexRewrite {
     #[serde(rename = "match")]
     pub pattern: String,
@@ -187,7 +232,7 @@ pub struct RegexRewrite {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VsRetries {
     #[serde(default)]
     pub attempts: Option<i64>,
@@ -195,11 +240,58 @@ pub struct VsRetries {
     pub per_try_timeout: Option<String>,
     #[serde(default)]
     pub retry_on: Option<String>,
+    #[serde(default)]
+    pub retry_remote_localities: Option<bool>,
+    #[serde(default)]
+    pub retry_ignore_previous_hosts: Option<bool>,
+    #[serde(default)]
+    pub backoff: Option<String>,
+}
+
+/// `fault`: delay and/or abort a share of the requests.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsFault {
+    #[serde(default)]
+    pub delay: Option<VsFaultDelay>,
+    #[serde(default)]
+    pub abort: Option<VsFaultAbort>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VsFaultDelay {
+    #[serde(default)]
+    pub fixed_delay: Option<String>,
+    #[serde(default)]
+    pub exponential_delay: Option<String>,
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+    /// Deprecated integer form of `percentage`.
+    #[serde(default)]
+    pub percent: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VsFaultAbort {
+    #[serde(default)]
+    pub http_status: Option<i64>,
+    /// A gRPC status name (`UNAVAILABLE`) or number.
+    #[serde(default)]
+    pub grpc_status: Option<serde_json::Value>,
+    #[serde(default)]
+    pub http2_error: Option<String>,
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VsCors {
+    /// Deprecated exact origins (`allowOrigins` replaces it).
+    #[serde(default)]
+    pub allow_origin: Vec<String>,
     #[serde(default)]
     pub allow_origins: Vec<StringSpec>,
     #[serde(default)]
@@ -212,9 +304,12 @@ pub struct VsCors {
     pub max_age: Option<String>,
     #[serde(default)]
     pub allow_credentials: Option<bool>,
+    #[serde(default)]
+    pub unmatched_preflights: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Headers {
     #[serde(default)]
     pub request: Option<HeaderOps>,
@@ -223,6 +318,7 @@ pub struct Headers {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HeaderOps {
     #[serde(default)]
     pub set: BTreeMap<String, String>,
@@ -236,6 +332,12 @@ impl VirtualService {
     /// Does this VirtualService apply to mesh traffic (no `gateways`, or `mesh` among them)?
     pub fn applies_to_mesh(&self) -> bool {
         self.spec.gateways.is_empty() || self.spec.gateways.iter().any(|g| g == "mesh")
+    }
+
+    /// `exportTo` visibility from the waypoint's namespace.
+    pub fn visible_from(&self, namespace: &str) -> bool {
+        let own = self.metadata.namespace.as_deref().unwrap_or("default");
+        super::destination_rule::exported_to(&self.spec.export_to, own, namespace)
     }
 
     /// Services (namespace, name) named by `hosts`: a short name is relative to the VirtualService's namespace,
@@ -322,7 +424,9 @@ fn dur(v: &Option<String>, field: &str) -> Result<Option<Duration>, FieldError> 
         .map(|d| d.filter(|d| !d.is_zero()))
 }
 
-/// Istio's retry defaults when a route says nothing: 2 retries on connect failures, refused streams and 503.
+/// istiod's `DefaultPolicy`, used when a route has no `retries`: 2 retries on connect failures, refused streams
+/// and 503 (retryOn `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`, retriable
+/// status codes `[503]`).
 fn default_retry() -> RetryPolicy {
     RetryPolicy {
         attempts: 3,
@@ -335,34 +439,67 @@ fn default_retry() -> RetryPolicy {
     }
 }
 
-fn retry(r: &VsRetries, field: &str) -> Result<Option<RetryPolicy>, FieldError> {
-    let attempts = r.attempts.unwrap_or(2);
+/// `retries`, as istiod's `ConvertPolicy` reads it: a missing or zero `attempts` disables retries; a missing
+/// `retryOn` keeps the default conditions; numbers in `retryOn` are retriable status codes (istiod adds
+/// `retriable-status-codes` for them). Conditions mean what Envoy's router makes of them.
+fn retry(r: &VsRetries, field: &str, warnings: &mut Vec<FieldError>) -> Result<Option<RetryPolicy>, FieldError> {
+    let attempts = r.attempts.unwrap_or(0);
     if !(0..=100).contains(&attempts) {
         return Err(ferr(format!("{field}.attempts"), "must be between 0 and 100"));
     }
-    if attempts == 0 {
-        return Ok(None);
-    }
-    let mut policy = RetryPolicy {
-        attempts: attempts as u32 + 1,
-        ..Default::default()
+    let backoff = dur(&r.backoff, &format!("{field}.backoff"))?;
+    dur(&r.per_try_timeout, &format!("{field}.perTryTimeout"))?;
+    let retry_on = r.retry_on.as_deref().filter(|s| !s.trim().is_empty());
+    let mut policy = match retry_on {
+        None => default_retry(),
+        Some(_) => RetryPolicy::default(),
     };
-    let retry_on = r
-        .retry_on
-        .as_deref()
-        .unwrap_or("connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes");
-    for cond in retry_on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+    for cond in retry_on
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+    {
         match cond {
-            "5xx" => policy.codes.extend(500..600),
-            "gateway-error" => policy.codes.extend([502, 503, 504]),
-            "connect-failure" | "refused-stream" => policy.on_connect_failure = true,
-            "reset" => policy.on_reset = true,
+            // Envoy counts any upstream reset (connect failure and refused stream included) as a 5xx, so both
+            // status policies retry resets too (`RetryStateImpl::wouldRetryFromReset`).
+            "5xx" | "gateway-error" => {
+                if cond == "5xx" {
+                    policy.codes.extend(500..600);
+                } else {
+                    policy.codes.extend([502, 503, 504]);
+                }
+                policy.on_reset = true;
+                policy.on_connect_failure = true;
+                policy.on_refused_stream = true;
+            }
+            "reset" => {
+                policy.on_reset = true;
+                policy.on_connect_failure = true;
+                policy.on_refused_stream = true;
+            }
+            // Resets before the request reached the upstream: a failed connect or a refused stream.
+            "reset-before-request" => {
+                policy.on_connect_failure = true;
+                policy.on_refused_stream = true;
+            }
+            "connect-failure" => policy.on_connect_failure = true,
+            "refused-stream" => policy.on_refused_stream = true,
             "retriable-4xx" => policy.codes.push(409),
-            "retriable-status-codes" => policy.codes.push(503),
-            // gRPC status conditions and envoy-ratelimited have no HTTP-status equivalent here; Envoy maps
-            // `unavailable` to gRPC 14, which arrives as HTTP 200 + trailer, so it cannot be acted on per status.
-            "unavailable" | "cancelled" | "deadline-exceeded" | "resource-exhausted" | "internal"
-            | "envoy-ratelimited" => {}
+            // The codes listed next to it are the retriable ones; on its own it adds none.
+            "retriable-status-codes" => {}
+            "unavailable" | "cancelled" | "deadline-exceeded" | "resource-exhausted" | "internal" => {
+                warnings.push(ferr(
+                    format!("{field}.retryOn"),
+                    format!("{cond:?} not applied: gRPC status conditions are not evaluated by the retry layer"),
+                ));
+            }
+            "retriable-headers" | "envoy-ratelimited" | "http3-post-connect-failure" => {
+                warnings.push(ferr(
+                    format!("{field}.retryOn"),
+                    format!("{cond:?} has no effect here (no retriable headers, rate limiter or HTTP/3 upstream)"),
+                ));
+            }
             code => match code.parse::<u16>() {
                 Ok(c) if (100..600).contains(&c) => policy.codes.push(c),
                 _ => {
@@ -374,38 +511,234 @@ fn retry(r: &VsRetries, field: &str) -> Result<Option<RetryPolicy>, FieldError> 
             },
         }
     }
+    if attempts == 0 {
+        if r.attempts.is_none() {
+            warnings.push(ferr(
+                format!("{field}.attempts"),
+                "not set: retries are disabled (istiod reads a missing attempts as 0)",
+            ));
+        }
+        return Ok(None);
+    }
+    if r.retry_ignore_previous_hosts == Some(false) {
+        warnings.push(ferr(
+            format!("{field}.retryIgnorePreviousHosts"),
+            "not applied: a retry picks its endpoint through the load balancer like any request",
+        ));
+    }
+    policy.attempts = attempts as u32 + 1;
+    policy.backoff = backoff;
+    policy.remote_localities = r.retry_remote_localities.unwrap_or(false);
     policy.codes.sort_unstable();
     policy.codes.dedup();
     Ok(Some(policy))
 }
 
-/// Translate one VirtualService for one service port. `resolve_dest` maps a destination (host, port) to a
-/// backend; `port` is the service port the route table is for (the default destination port).
+/// gRPC status codes by name, as `fault.abort.grpcStatus` writes them.
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+fn grpc_status(v: &serde_json::Value, field: &str) -> Result<u32, FieldError> {
+    let bad = || {
+        ferr(
+            field,
+            format!("{v} is not a gRPC status (a name such as \"UNAVAILABLE\", or a number 0-16)"),
+        )
+    };
+    let code = match v {
+        serde_json::Value::Number(n) => n.as_u64().ok_or_else(bad)?,
+        serde_json::Value::String(s) => match s.trim().parse::<u64>() {
+            Ok(n) => n,
+            Err(_) => GRPC_CODES
+                .iter()
+                .position(|c| c.eq_ignore_ascii_case(s.trim()))
+                .ok_or_else(bad)? as u64,
+        },
+        _ => return Err(bad()),
+    };
+    if code > 16 {
+        return Err(bad());
+    }
+    Ok(code as u32)
+}
+
+fn percentage(p: &Option<Percent>, legacy: Option<i64>, field: &str) -> Result<f64, FieldError> {
+    let value = match (p, legacy) {
+        (Some(p), _) => p.value,
+        (None, Some(n)) => n as f64,
+        (None, None) => 100.0,
+    };
+    if !(0.0..=100.0).contains(&value) {
+        return Err(ferr(field, format!("must be between 0 and 100, got {value}")));
+    }
+    Ok(value)
+}
+
+/// `fault`: Envoy's fault filter, delay first, then abort, each with its own share of requests.
+fn fault(f: &VsFault, field: &str) -> Result<FaultPolicy, FieldError> {
+    if f.delay.is_none() && f.abort.is_none() {
+        return Err(ferr(field, "one of delay or abort is required"));
+    }
+    let delay = match &f.delay {
+        None => None,
+        Some(d) => {
+            let df = format!("{field}.delay");
+            if d.exponential_delay.is_some() {
+                return Err(ferr(
+                    format!("{df}.exponentialDelay"),
+                    "not supported (Istio does not support it either): use fixedDelay",
+                ));
+            }
+            let fixed = match &d.fixed_delay {
+                None => return Err(ferr(format!("{df}.fixedDelay"), "required")),
+                Some(s) => duration::parse(s).map_err(|e| ferr(format!("{df}.fixedDelay"), e.to_string()))?,
+            };
+            let pf = if d.percentage.is_some() {
+                format!("{df}.percentage.value")
+            } else {
+                format!("{df}.percent")
+            };
+            Some(FaultDelay {
+                fixed,
+                percent: percentage(&d.percentage, d.percent, &pf)?,
+            })
+        }
+    };
+    let abort = match &f.abort {
+        None => None,
+        Some(a) => {
+            let af = format!("{field}.abort");
+            if a.http2_error.is_some() {
+                return Err(ferr(
+                    format!("{af}.http2Error"),
+                    "not supported (Istio does not support it either): use httpStatus or grpcStatus",
+                ));
+            }
+            let status = match (a.http_status, &a.grpc_status) {
+                (Some(_), Some(_)) => return Err(ferr(&af, "httpStatus and grpcStatus are exclusive")),
+                (None, None) => return Err(ferr(&af, "one of httpStatus or grpcStatus is required")),
+                (Some(s), None) => match u16::try_from(s) {
+                    Ok(s) if (200..600).contains(&s) => AbortStatus::Http(s),
+                    _ => return Err(ferr(format!("{af}.httpStatus"), format!("must be 200-599, got {s}"))),
+                },
+                (None, Some(g)) => AbortStatus::Grpc(grpc_status(g, &format!("{af}.grpcStatus"))?),
+            };
+            Some(FaultAbort {
+                status,
+                percent: percentage(&a.percentage, None, &format!("{af}.percentage.value"))?,
+            })
+        }
+    };
+    Ok(FaultPolicy { delay, abort })
+}
+
+fn matches_value(m: &StringMatch, v: &str) -> bool {
+    match m {
+        StringMatch::Exact(e) => e == v,
+        StringMatch::Prefix(p) => v.starts_with(p.as_str()),
+        StringMatch::Regex(r) => r.is_match(v),
+        StringMatch::Present => true,
+    }
+}
+
+/// Standard base64 (padding optional), for `directResponse.body.bytes`.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.trim().trim_end_matches('=').bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// Translate one VirtualService for one service port. `port` is the service port the route table is for (the
+/// default destination port). Fields accepted but not acted on are reported in `warnings`.
 pub fn translate(
     vs: &VirtualService,
     port: u16,
     cluster_domain: &str,
     resolver: &dyn BackendResolver,
     source_order: usize,
+    warnings: &mut Vec<FieldError>,
 ) -> Result<Route, FieldError> {
     let own_ns = vs.metadata.namespace.as_deref().unwrap_or("default");
-    let resolve = |d: &DestinationRef, field: &str| -> Result<Option<waypoint_filters::route::BackendId>, FieldError> {
+    let resolve = |d: &DestinationRef,
+                   field: &str,
+                   warnings: &mut Vec<FieldError>|
+     -> Result<Option<waypoint_filters::route::BackendId>, FieldError> {
         let (ns, name) = split_host(&d.host, own_ns, cluster_domain)
             .ok_or_else(|| ferr(format!("{field}.host"), format!("{:?} is not a service host", d.host)))?;
-        if d.subset.is_some() {
-            tracing::warn!(virtual_service = %vs.metadata.name, host = %d.host, "destination subsets need DestinationRule support, not built yet; this destination answers 500");
-            return Ok(None);
-        }
         let p = d.port.as_ref().map(|p| p.number);
+        if let Some(subset) = &d.subset {
+            let found = resolver.subset(&ns, &name, p, subset).or_else(|| {
+                p.is_none()
+                    .then(|| resolver.subset(&ns, &name, Some(port), subset))
+                    .flatten()
+            });
+            if found.is_none() {
+                // Envoy answers such a route 503 NC (cluster not found); the config itself stays valid.
+                warnings.push(ferr(
+                    format!("{field}.subset"),
+                    format!("subset {subset:?} is not defined by a DestinationRule for {ns}/{name}: requests routed here answer 503"),
+                ));
+            }
+            return Ok(found);
+        }
         Ok(resolver
             .backend(&ns, &name, p)
             .or_else(|| p.is_none().then(|| resolver.backend(&ns, &name, Some(port))).flatten()))
     };
+    if !vs.spec.tcp.is_empty() {
+        warnings.push(ferr(
+            "spec.tcp",
+            "not applied: opaque TCP through the waypoint goes to the Service's own endpoints",
+        ));
+    }
+    if !vs.spec.tls.is_empty() {
+        warnings.push(ferr(
+            "spec.tls",
+            "not applied: the waypoint does not route unterminated TLS by SNI (it is opaque TCP to the Service)",
+        ));
+    }
     let mut rules = Vec::new();
     for (i, h) in vs.spec.http.iter().enumerate() {
         let field = format!("spec.http[{i}]");
-        if h.fault.is_some() {
-            tracing::warn!(virtual_service = %vs.metadata.name, "fault injection is not supported yet; the fault is not applied");
+        if h.delegate.is_some() {
+            return Err(ferr(
+                format!("{field}.delegate"),
+                "not supported: this waypoint does not resolve delegate VirtualServices; put the routes here",
+            ));
         }
         let mut matches = Vec::new();
         let mut any_prefix = false;
@@ -414,11 +747,38 @@ pub fn translate(
             if m.port.is_some_and(|p| p != port) {
                 continue;
             }
+            if !m.gateways.is_empty() && !m.gateways.iter().any(|g| g == "mesh") {
+                // The match is for gateways only (match-level `gateways` overrides the top-level list).
+                continue;
+            }
             if m.source_labels.is_some() {
                 // Source labels would need the client's pod labels (workload discovery); never match rather than
                 // apply a route meant for other clients.
-                tracing::warn!(virtual_service = %vs.metadata.name, "sourceLabels matches are not supported; that match never applies");
+                warnings.push(ferr(
+                    format!("{mf}.sourceLabels"),
+                    "not supported (the client's labels are unknown to the waypoint): this match never applies",
+                ));
                 continue;
+            }
+            if m.source_namespace.is_some() {
+                warnings.push(ferr(
+                    format!("{mf}.sourceNamespace"),
+                    "not supported by the route model: this match never applies",
+                ));
+                continue;
+            }
+            if m.authority.is_some() {
+                warnings.push(ferr(
+                    format!("{mf}.authority"),
+                    "not supported by the route model (no per-match authority condition): this match never applies",
+                ));
+                continue;
+            }
+            if let Some(sch) = &m.scheme {
+                // Requests inside an HBONE tunnel are always cleartext: the scheme is `http`.
+                if !matches_value(&string_match(sch, &format!("{mf}.scheme"))?, "http") {
+                    continue;
+                }
             }
             let path = match &m.uri {
                 None => None,
@@ -474,7 +834,7 @@ pub fn translate(
             });
         }
         if !h.matches.is_empty() && matches.is_empty() {
-            // Every match was for another port (or unsupported): the rule does not exist for this port.
+            // Every match was for another port (or gateway, or never applies): the rule does not exist here.
             continue;
         }
         if h.matches.is_empty() {
@@ -486,16 +846,29 @@ pub fn translate(
         }
         let mut filters = header_filters(&h.headers, &format!("{field}.headers"))?;
         if let Some(c) = &h.cors_policy {
-            let origins = c
-                .allow_origins
-                .iter()
-                .map(|o| match (&o.exact, &o.prefix) {
-                    (Some(e), _) => e.clone(),
-                    (None, Some(p)) => format!("{p}*"),
-                    _ => "*".into(),
-                })
-                .collect();
-            let max_age = dur(&c.max_age, &format!("{field}.corsPolicy.maxAge"))?.map(|d| d.as_secs());
+            let cf = format!("{field}.corsPolicy");
+            let mut origins: Vec<String> = c.allow_origin.clone();
+            origins.extend(c.allow_origins.iter().map(|o| match (&o.exact, &o.prefix) {
+                (Some(e), _) => e.clone(),
+                (None, Some(p)) => format!("{p}*"),
+                _ => "*".into(),
+            }));
+            if let Some(u) = &c.unmatched_preflights {
+                match u.as_str() {
+                    "UNSPECIFIED" | "FORWARD" => {}
+                    "IGNORE" => warnings.push(ferr(
+                        format!("{cf}.unmatchedPreflights"),
+                        "IGNORE not applied: preflights from origins that do not match are forwarded (FORWARD)",
+                    )),
+                    other => {
+                        return Err(ferr(
+                            format!("{cf}.unmatchedPreflights"),
+                            format!("unknown value {other:?} (FORWARD, IGNORE)"),
+                        ));
+                    }
+                }
+            }
+            let max_age = dur(&c.max_age, &format!("{cf}.maxAge"))?.map(|d| d.as_secs());
             filters.push(Filter::Cors(Arc::new(CorsPolicy {
                 allow_origins: origins,
                 allow_methods: c.allow_methods.clone(),
@@ -506,10 +879,34 @@ pub fn translate(
             })));
         }
         if let Some(r) = &h.redirect {
+            let rf = format!("{field}.redirect");
+            let port = match (r.port, r.derive_port.as_deref()) {
+                (Some(_), Some(_)) => return Err(ferr(&rf, "port and derivePort are exclusive")),
+                (p, None) => p,
+                (None, Some("FROM_PROTOCOL_DEFAULT")) => Some(match r.scheme.as_deref() {
+                    Some(s) if s.eq_ignore_ascii_case("https") => 443,
+                    _ => 80,
+                }),
+                (None, Some("FROM_REQUEST_PORT")) => {
+                    if r.scheme.is_some() {
+                        warnings.push(ferr(
+                            format!("{rf}.derivePort"),
+                            "with scheme set, the new scheme's default port is used instead of the request's",
+                        ));
+                    }
+                    None
+                }
+                (None, Some(other)) => {
+                    return Err(ferr(
+                        format!("{rf}.derivePort"),
+                        format!("unknown value {other:?} (FROM_PROTOCOL_DEFAULT, FROM_REQUEST_PORT)"),
+                    ));
+                }
+            };
             filters.push(Filter::Redirect(Redirect {
                 scheme: r.scheme.clone(),
                 hostname: r.authority.clone(),
-                port: r.port,
+                port,
                 path: r.uri.clone().map(PathModifier::ReplaceFullPath),
                 status: r.redirect_code.unwrap_or(301),
             }));
@@ -540,20 +937,29 @@ pub fn translate(
                 path,
             }));
         }
-        let mut mirror_list: Vec<(DestinationRef, Option<f64>)> = Vec::new();
+        let mut mirror_list: Vec<(DestinationRef, Option<f64>, String)> = Vec::new();
         if let Some(m) = &h.mirror {
-            mirror_list.push((m.clone(), h.mirror_percentage.as_ref().map(|p| p.value)));
+            let pct = match (&h.mirror_percentage, h.mirror_percent) {
+                (Some(p), _) => Some(p.value),
+                (None, Some(n)) => Some(n as f64),
+                (None, None) => None,
+            };
+            mirror_list.push((m.clone(), pct, format!("{field}.mirror")));
         }
-        for m in &h.mirrors {
-            mirror_list.push((m.destination.clone(), m.percentage.as_ref().map(|p| p.value)));
+        for (mi, m) in h.mirrors.iter().enumerate() {
+            mirror_list.push((
+                m.destination.clone(),
+                m.percentage.as_ref().map(|p| p.value),
+                format!("{field}.mirrors[{mi}].destination"),
+            ));
         }
-        for (mi, (dest, pct)) in mirror_list.iter().enumerate() {
+        for (dest, pct, mf) in &mirror_list {
             let pct = pct.unwrap_or(100.0);
             if !(0.0..=100.0).contains(&pct) {
                 return Err(ferr(format!("{field}.mirrorPercentage"), "must be between 0 and 100"));
             }
             filters.push(Filter::Mirror(Mirror {
-                backend: resolve(dest, &format!("{field}.mirrors[{mi}]"))?,
+                backend: resolve(dest, mf, warnings)?,
                 numerator: (pct * 10_000.0).round() as u32,
                 denominator: 1_000_000,
             }));
@@ -566,7 +972,7 @@ pub fn translate(
                 return Err(ferr(format!("{df}.weight"), "must be between 0 and 100"));
             }
             backends.push(WeightedBackend {
-                backend: resolve(&d.destination, &format!("{df}.destination"))?,
+                backend: resolve(&d.destination, &format!("{df}.destination"), warnings)?,
                 weight: weight as u32,
                 filters: header_filters(&d.headers, &format!("{df}.headers"))?,
             });
@@ -575,8 +981,34 @@ pub fn translate(
             return Err(ferr(&field, "one of route, redirect or directResponse is required"));
         }
         let retry = match &h.retries {
-            Some(r) => retry(r, &format!("{field}.retries"))?,
+            Some(r) => retry(r, &format!("{field}.retries"), warnings)?,
             None => Some(default_retry()),
+        };
+        let fault = h
+            .fault
+            .as_ref()
+            .map(|f| fault(f, &format!("{field}.fault")))
+            .transpose()?;
+        let direct_response = match &h.direct_response {
+            None => None,
+            Some(d) => {
+                let body = match d.body.as_ref().map(|b| (&b.string, &b.bytes)) {
+                    None | Some((None, None)) => None,
+                    Some((Some(s), None)) => Some(bytes::Bytes::from(s.clone())),
+                    Some((None, Some(b))) => {
+                        Some(bytes::Bytes::from(base64_decode(b).ok_or_else(|| {
+                            ferr(format!("{field}.directResponse.body.bytes"), "not valid base64")
+                        })?))
+                    }
+                    Some((Some(_), Some(_))) => {
+                        return Err(ferr(
+                            format!("{field}.directResponse.body"),
+                            "string and bytes are exclusive",
+                        ));
+                    }
+                };
+                Some(DirectResponse { status: d.status, body })
+            }
         };
         rules.push(Arc::new(Rule {
             name: h.name.clone(),
@@ -593,11 +1025,8 @@ pub fn translate(
                     .flatten(),
             },
             retry,
-            direct_response: h.direct_response.as_ref().map(|d| DirectResponse {
-                status: d.status,
-                body: d.body.as_ref().and_then(|b| b.string.clone()).map(bytes::Bytes::from),
-            }),
-            fault: None,
+            direct_response,
+            fault,
         }));
     }
     Ok(Route {
@@ -641,19 +1070,22 @@ mod tests {
                 ..Default::default()
             },
             "f",
+            &mut Vec::new(),
         )
         .unwrap()
         .unwrap();
         assert_eq!(r.attempts, 4);
         assert_eq!(r.codes, vec![409, 502, 503, 504]);
-        assert!(r.on_connect_failure && !r.on_reset);
+        // Envoy's gateway-error also retries upstream resets (it counts them as 5xx).
+        assert!(r.on_connect_failure && r.on_reset && r.on_refused_stream);
         assert!(
             retry(
                 &VsRetries {
                     retry_on: Some("bogus".into()),
                     ..Default::default()
                 },
-                "f"
+                "f",
+                &mut Vec::new(),
             )
             .is_err()
         );
@@ -663,7 +1095,8 @@ mod tests {
                     attempts: Some(0),
                     ..Default::default()
                 },
-                "f"
+                "f",
+                &mut Vec::new(),
             )
             .unwrap()
             .is_none()
