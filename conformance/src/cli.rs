@@ -47,9 +47,10 @@ enum Command {
         /// The case file.
         #[arg(long)]
         cases: PathBuf,
-        /// The directory the case file's manifest paths are relative to.
-        #[arg(long)]
-        manifests: PathBuf,
+        /// A directory the case file's manifest paths are relative to (repeatable: looked up in order, the
+        /// first directory holding a path wins).
+        #[arg(long, required = true)]
+        manifests: Vec<PathBuf>,
         /// Where to write the JSON report.
         #[arg(long, default_value = runner::DEFAULT_REPORT)]
         report: PathBuf,
@@ -101,7 +102,9 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             only,
             consistency_timeout,
         } => {
-            let mut options = runner::RunOptions::new(cases, manifests);
+            let mut dirs = manifests.into_iter();
+            let mut options = runner::RunOptions::new(cases, dirs.next().unwrap_or_default());
+            options.manifests.extend(dirs);
             options.only = only;
             options.progress = true;
             if let Some(seconds) = consistency_timeout {

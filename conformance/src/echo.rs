@@ -9,9 +9,12 @@
 //!
 //! An echoed request is logged like echo-basic does (`Echoing back request made to ...`); tests read the log
 //! through the handle, and can wait for a line instead of sleeping.
+//!
+//! Traffic-policy tests make a backend misbehave on demand ([`EchoHandle::misbehave`], or per request with
+//! `?misbehave=` / `X-Echo-Misbehave`, see [`crate::misbehave`]) and read back every exchange it saw
+//! ([`EchoHandle::exchanges`]), the connections it accepted, and the requests in flight or cancelled.
 
 use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -36,9 +39,18 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tracing::debug;
+use tracing::{debug, warn};
 
+use crate::misbehave::{Controls, InFlight, OpenConnection};
+pub use crate::misbehave::{Exchange, MISBEHAVE_HEADER, Misbehaviour};
 use crate::net::accept_until;
+
+/// Bytes a `CloseAfterHeaders` response announces, and the few it actually sends.
+const TRUNCATED_LENGTH: usize = 1024;
+const TRUNCATED_SENT: &[u8] = b"truncated:";
+const TRUNCATE_PAUSE: Duration = Duration::from_millis(20);
+/// Pause before retrying a failed re-bind after `RefuseConnections` ends.
+const REBIND_PAUSE: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EchoError {
@@ -51,6 +63,8 @@ pub enum EchoError {
 enum Abort {
     #[error("simulated failure: connection reset")]
     Reset,
+    #[error("simulated failure: {0:?}")]
+    Misbehaved(Misbehaviour),
     #[error("reading the request body: {0}")]
     Body(#[from] hyper::Error),
 }
@@ -95,7 +109,7 @@ impl EchoConfig {
 struct Shared {
     config: EchoConfig,
     log: watch::Sender<Vec<String>>,
-    seen: watch::Sender<usize>,
+    controls: Controls,
     /// `/retry` attempts per uuid.
     attempts: Mutex<HashMap<String, u32>>,
 }
@@ -130,7 +144,7 @@ impl EchoServer {
         let shared = Arc::new(Shared {
             config: EchoConfig { addr, ..config },
             log: watch::Sender::new(Vec::new()),
-            seen: watch::Sender::new(0),
+            controls: Controls::new(),
             attempts: Mutex::new(HashMap::new()),
         });
         let token = CancellationToken::new();
@@ -175,7 +189,82 @@ impl EchoHandle {
 
     /// Requests received (echoed or not), counted when their headers arrive.
     pub fn requests_seen(&self) -> usize {
-        *self.shared.seen.borrow()
+        *self.shared.controls.received().borrow()
+    }
+
+    /// Every request received so far (the most recent 10 000), in arrival order.
+    pub fn exchanges(&self) -> Vec<Exchange> {
+        self.shared.controls.exchanges()
+    }
+
+    /// TCP connections accepted so far (dropped ones included).
+    pub fn connections_accepted(&self) -> usize {
+        *self.shared.controls.connections().borrow()
+    }
+
+    /// Connections open right now.
+    pub fn open_connections(&self) -> usize {
+        *self.shared.controls.open_connections().borrow()
+    }
+
+    /// Resolves once at most `n` connections are open (e.g. after a proxy closed its idle ones).
+    pub async fn wait_for_open_connections_at_most(&self, n: usize) {
+        let mut open = self.shared.controls.open_connections().subscribe();
+        let _ = open.wait_for(|count| *count <= n).await;
+    }
+
+    /// Requests being handled right now.
+    pub fn in_flight(&self) -> usize {
+        *self.shared.controls.in_flight().borrow()
+    }
+
+    /// Requests whose peer went away before the answer was complete (a hanging or delayed request that the
+    /// proxy cancelled).
+    pub fn cancelled(&self) -> usize {
+        *self.shared.controls.cancelled().borrow()
+    }
+
+    /// Misbehave from now on, until [`EchoHandle::behave`]. `RefuseConnections` returns once the listening
+    /// socket is closed.
+    pub async fn misbehave(&self, what: Misbehaviour) {
+        self.arm(what, None).await;
+    }
+
+    /// Misbehave for the next `times` requests (connections, for `DropConnections`), then behave again.
+    /// `RefuseConnections` cannot be counted (refused connects never reach us): it lasts until `behave`.
+    pub async fn misbehave_times(&self, what: Misbehaviour, times: usize) {
+        self.arm(what, Some(times)).await;
+    }
+
+    async fn arm(&self, what: Misbehaviour, times: Option<usize>) {
+        let refuse = what == Misbehaviour::RefuseConnections;
+        self.shared.controls.arm(what, times);
+        if refuse {
+            self.wait_listening(false).await;
+        }
+    }
+
+    /// Back to normal; returns once the server accepts connections again.
+    pub async fn behave(&self) {
+        self.shared.controls.clear();
+        self.wait_listening(true).await;
+    }
+
+    async fn wait_listening(&self, listening: bool) {
+        let mut state = self.shared.controls.listening.subscribe();
+        let _ = state.wait_for(|l| *l == listening).await;
+    }
+
+    /// Resolves once at least `n` requests are being handled at the same time.
+    pub async fn wait_for_in_flight(&self, n: usize) {
+        let mut in_flight = self.shared.controls.in_flight().subscribe();
+        let _ = in_flight.wait_for(|count| *count >= n).await;
+    }
+
+    /// Resolves once at least `n` exchanges were cancelled by the peer.
+    pub async fn wait_for_cancelled(&self, n: usize) {
+        let mut cancelled = self.shared.controls.cancelled().subscribe();
+        let _ = cancelled.wait_for(|count| *count >= n).await;
     }
 
     /// Resolves once a log line contains `needle` (e.g. a mirror test's unique query parameter).
@@ -193,17 +282,57 @@ impl EchoHandle {
 
     /// Resolves once at least `n` requests were received.
     pub async fn wait_for_requests(&self, n: usize) {
-        let mut seen = self.shared.seen.subscribe();
+        let mut seen = self.shared.controls.received().subscribe();
         let _ = seen.wait_for(|count| *count >= n).await;
     }
 
     pub fn shutdown(self) {}
 }
 
+/// Accepts until stopped. While connections are to be refused the listening socket is closed (the kernel
+/// answers connects with RST), then bound again on the same address.
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, token: CancellationToken) {
-    while let Some((stream, remote)) = accept_until(&listener, &token).await {
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_connection(stream, remote, shared.clone(), token.clone()));
+    let mut listener = Some(listener);
+    let mut refuse = shared.controls.refuse.subscribe();
+    loop {
+        if *refuse.borrow_and_update() {
+            drop(listener.take());
+            shared.controls.listening.send_replace(false);
+            tokio::select! {
+                changed = refuse.changed() => if changed.is_err() { return },
+                () = token.cancelled() => return,
+            }
+            continue;
+        }
+        let current = match &listener {
+            Some(current) => current,
+            None => match TcpListener::bind(shared.config.addr).await {
+                Ok(bound) => {
+                    shared.controls.listening.send_replace(true);
+                    listener.insert(bound)
+                }
+                Err(e) => {
+                    warn!(addr = %shared.config.addr, "echo: binding again after refusing connections: {e}");
+                    tokio::time::sleep(REBIND_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        tokio::select! {
+            accepted = accept_until(current, &token) => {
+                let Some((stream, remote)) = accepted else { return };
+                let (id, drop_it) = shared.controls.accept_connection();
+                if drop_it {
+                    // RST instead of FIN: the peer sees a reset, not an orderly close.
+                    let _ = stream.set_zero_linger();
+                    drop(stream);
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_connection(stream, remote, id, shared.clone(), token.clone()));
+            }
+            _ = refuse.changed() => {}
+        }
     }
 }
 
@@ -211,13 +340,23 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, token: Cancella
 struct Conn {
     shared: Arc<Shared>,
     remote: SocketAddr,
+    /// Accept order of this connection, for [`Exchange::connection`].
+    id: usize,
     /// Set when a request asks for the connection to be reset rather than answered.
     reset: Arc<AtomicBool>,
     /// The server's stop signal, for work that outlives the request (an upgraded WebSocket).
     stop: CancellationToken,
 }
 
-async fn serve_connection(stream: TcpStream, remote: SocketAddr, shared: Arc<Shared>, token: CancellationToken) {
+async fn serve_connection(
+    stream: TcpStream,
+    remote: SocketAddr,
+    id: usize,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+) {
+    let counted = shared.clone();
+    let _open = OpenConnection::start(&counted.controls);
     let reset = Arc::new(AtomicBool::new(false));
     let io = ResettableStream {
         inner: stream,
@@ -226,6 +365,7 @@ async fn serve_connection(stream: TcpStream, remote: SocketAddr, shared: Arc<Sha
     let conn = Arc::new(Conn {
         shared,
         remote,
+        id,
         reset,
         stop: token.clone(),
     });
@@ -276,7 +416,8 @@ impl AsyncWrite for ResettableStream {
     }
 }
 
-type EchoBody = BoxBody<Bytes, Infallible>;
+/// Bodies can fail on purpose (a truncated response), hence a real error type.
+type EchoBody = BoxBody<Bytes, io::Error>;
 
 /// What is known about a request once its body has been read.
 struct Received {
@@ -287,7 +428,49 @@ struct Received {
 
 impl Conn {
     async fn handle(&self, request: Request<Incoming>) -> Result<Response<EchoBody>, Abort> {
-        self.shared.seen.send_modify(|n| *n += 1);
+        let misbehaviour = requested_misbehaviour(&request).or_else(|| self.shared.controls.take_for_request());
+        self.shared.controls.record(Exchange {
+            seq: 0,
+            connection: self.id,
+            remote: self.remote,
+            version: request.version(),
+            method: request.method().clone(),
+            uri: request_uri_of(&request),
+            headers: request.headers().clone(),
+            misbehaviour: misbehaviour.clone(),
+        });
+        let in_flight = InFlight::start(&self.shared.controls);
+        let result = self.answer(request, misbehaviour).await;
+        in_flight.finish();
+        result
+    }
+
+    async fn answer(
+        &self,
+        request: Request<Incoming>,
+        misbehaviour: Option<Misbehaviour>,
+    ) -> Result<Response<EchoBody>, Abort> {
+        match misbehaviour {
+            None | Some(Misbehaviour::RefuseConnections | Misbehaviour::DropConnections) => {}
+            Some(Misbehaviour::Delay(delay)) => tokio::time::sleep(delay).await,
+            Some(Misbehaviour::Hang) => std::future::pending::<()>().await,
+            Some(what) => {
+                let received = receive(request).await?;
+                return match what {
+                    Misbehaviour::Status(code) => Ok(empty_response(
+                        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    )),
+                    Misbehaviour::CloseAfterHeaders => Ok(truncated_response()),
+                    _ => {
+                        // HTTP/1: the connection closes with RST. HTTP/2: hyper resets just this stream.
+                        if received.parts.version != Version::HTTP_2 {
+                            self.reset.store(true, Ordering::Relaxed);
+                        }
+                        Err(Abort::Misbehaved(what))
+                    }
+                };
+            }
+        }
         if self.shared.config.h2c_only && request.version() != Version::HTTP_2 {
             return Ok(text_response(StatusCode::BAD_REQUEST, "Expected h2c request\n"));
         }
@@ -513,10 +696,33 @@ async fn receive(request: Request<Incoming>) -> Result<Received, Abort> {
     })
 }
 
+/// The per-request misbehaviour: `?misbehave=` first, then the `X-Echo-Misbehave` header.
+fn requested_misbehaviour<B>(request: &Request<B>) -> Option<Misbehaviour> {
+    let query = query_pairs(request.uri().query());
+    let from_header = || {
+        request
+            .headers()
+            .get(MISBEHAVE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Misbehaviour::parse)
+    };
+    query
+        .get("misbehave")
+        .and_then(|m| Misbehaviour::parse(m))
+        .or_else(from_header)
+}
+
+fn request_uri_of<B>(request: &Request<B>) -> String {
+    target_of(request.uri(), request.version())
+}
+
 /// Go's `RequestURI`: the request target as sent (absolute-form stays absolute on HTTP/1).
 fn request_uri(parts: &http::request::Parts) -> String {
-    let uri = &parts.uri;
-    if parts.version != Version::HTTP_2 && uri.scheme().is_some() {
+    target_of(&parts.uri, parts.version)
+}
+
+fn target_of(uri: &http::Uri, version: Version) -> String {
+    if version != Version::HTTP_2 && uri.scheme().is_some() {
         return uri.to_string();
     }
     uri.path_and_query()
@@ -620,7 +826,7 @@ fn grpc_response(echo: Bytes, request_trailers: Option<&HeaderMap>) -> Response<
             trailers.append(echoed, value.clone());
         }
     }
-    let frames: Vec<Result<Frame<Bytes>, Infallible>> =
+    let frames: Vec<Result<Frame<Bytes>, io::Error>> =
         vec![Ok(Frame::data(message.freeze())), Ok(Frame::trailers(trailers))];
     let mut response = Response::new(StreamBody::new(stream::iter(frames)).boxed());
     set_header(response.headers_mut(), CONTENT_TYPE, "application/grpc");
@@ -637,7 +843,7 @@ fn bytes_response(n: u64) -> Response<EchoBody> {
         }
         let len = remaining.min(FILLER.len() as u64);
         let chunk = Bytes::from_static(&FILLER[..len as usize]);
-        Some((Ok::<_, Infallible>(Frame::data(chunk)), remaining - len))
+        Some((Ok::<_, io::Error>(Frame::data(chunk)), remaining - len))
     });
     let mut response = Response::new(StreamBody::new(chunks).boxed());
     set_header(response.headers_mut(), CONTENT_TYPE, "application/octet-stream");
@@ -653,8 +859,24 @@ fn status_path(path: &str) -> Option<StatusCode> {
     StatusCode::from_bytes(code.as_bytes()).ok()
 }
 
+/// 200 with a Content-Length of `TRUNCATED_LENGTH`, a few bytes, then a body error: hyper aborts the
+/// connection (HTTP/1.1) or resets the stream (HTTP/2).
+fn truncated_response() -> Response<EchoBody> {
+    let first = stream::iter([Ok(Frame::data(Bytes::from_static(TRUNCATED_SENT)))]);
+    // hyper flushes what it has when the body is not ready; without this pause it would see the error before
+    // writing the headers and the peer would get no response at all.
+    let then_fail = stream::once(async {
+        tokio::time::sleep(TRUNCATE_PAUSE).await;
+        Err(io::Error::other("simulated failure: closed after headers"))
+    });
+    let mut response = Response::new(StreamBody::new(futures_util::StreamExt::chain(first, then_fail)).boxed());
+    set_header(response.headers_mut(), CONTENT_LENGTH, &TRUNCATED_LENGTH.to_string());
+    set_header(response.headers_mut(), CONTENT_TYPE, "application/octet-stream");
+    response
+}
+
 fn full_response(status: StatusCode, body: Bytes) -> Response<EchoBody> {
-    let mut response = Response::new(Full::new(body).boxed());
+    let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
     *response.status_mut() = status;
     response
 }
@@ -849,6 +1071,7 @@ mod tests {
     use crate::net::unique_loopback_ip;
     use http_body_util::Empty;
     use hyper::client::conn::{http1, http2};
+    use std::convert::Infallible;
     use std::net::Ipv4Addr;
 
     async fn start(format: EchoFormat, h2c_only: bool) -> EchoHandle {
@@ -994,6 +1217,187 @@ mod tests {
         assert!(std::str::from_utf8(&body).unwrap().contains("message"));
         assert!(echo.log_lines().iter().all(|l| !l.contains("/health")));
         assert_eq!(echo.requests_seen(), 5);
+    }
+
+    #[tokio::test]
+    async fn status_for_the_next_requests_then_recovery_and_exchange_records() {
+        let echo = start(EchoFormat::Json, false).await;
+        echo.misbehave_times(Misbehaviour::Status(503), 2).await;
+        let mut client = h1(echo.addr()).await;
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let (parts, _, _) = body_of(client.send_request(get("/a?x=1")).await.unwrap()).await;
+            statuses.push(parts.status.as_u16());
+        }
+        assert_eq!(statuses, [503, 503, 200]);
+        let mut other = h1(echo.addr()).await;
+        let request = Request::get("/b")
+            .header("x-envoy-attempt-count", "2")
+            .body(Empty::new().boxed());
+        body_of(other.send_request(request.unwrap()).await.unwrap()).await;
+
+        let exchanges = echo.exchanges();
+        assert_eq!(exchanges.len(), 4);
+        assert_eq!(exchanges.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert_eq!(exchanges[0].misbehaviour, Some(Misbehaviour::Status(503)));
+        assert_eq!(exchanges[2].misbehaviour, None);
+        assert_eq!(exchanges[0].uri, "/a?x=1");
+        assert_eq!(
+            exchanges[0].connection, exchanges[2].connection,
+            "one keep-alive connection"
+        );
+        assert_ne!(exchanges[3].connection, exchanges[0].connection);
+        assert_eq!(exchanges[3].header("x-envoy-attempt-count"), Some("2"));
+        assert_eq!(echo.connections_accepted(), 2);
+        assert_eq!(echo.open_connections(), 2);
+        assert_eq!((echo.in_flight(), echo.cancelled()), (0, 0));
+        drop(other);
+        echo.wait_for_open_connections_at_most(1).await;
+
+        // Unbounded until told to behave.
+        echo.misbehave(Misbehaviour::Status(500)).await;
+        for _ in 0..3 {
+            let (parts, _, _) = body_of(client.send_request(get("/c")).await.unwrap()).await;
+            assert_eq!(parts.status, 500);
+        }
+        echo.behave().await;
+        let (parts, _, _) = body_of(client.send_request(get("/c")).await.unwrap()).await;
+        assert_eq!(parts.status, 200);
+    }
+
+    #[tokio::test]
+    async fn per_request_misbehaviour_by_query_or_header() {
+        let echo = start(EchoFormat::Json, false).await;
+        let mut client = h1(echo.addr()).await;
+        let (parts, _, _) = body_of(client.send_request(get("/x?misbehave=status:418")).await.unwrap()).await;
+        assert_eq!(parts.status, 418);
+        let request = Request::get("/x")
+            .header(MISBEHAVE_HEADER, "status:429")
+            .body(Empty::new().boxed())
+            .unwrap();
+        let (parts, _, _) = body_of(client.send_request(request).await.unwrap()).await;
+        assert_eq!(parts.status, 429);
+        // An unknown form is ignored, not an error.
+        let (parts, _, _) = body_of(client.send_request(get("/x?misbehave=explode")).await.unwrap()).await;
+        assert_eq!(parts.status, 200);
+        // The request's own wish wins over the armed one.
+        echo.misbehave(Misbehaviour::Status(503)).await;
+        let (parts, _, _) = body_of(client.send_request(get("/x?misbehave=status:202")).await.unwrap()).await;
+        assert_eq!(parts.status, 202);
+    }
+
+    #[tokio::test]
+    async fn delay_answers_after_the_delay() {
+        let echo = start(EchoFormat::Json, false).await;
+        echo.misbehave_times(Misbehaviour::Delay(Duration::from_millis(200)), 1)
+            .await;
+        let mut client = h1(echo.addr()).await;
+        let started = std::time::Instant::now();
+        let (parts, _, _) = body_of(client.send_request(get("/slow")).await.unwrap()).await;
+        assert_eq!(parts.status, 200);
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "answered before the delay"
+        );
+        let started = std::time::Instant::now();
+        let request = Request::get("/slow")
+            .header(MISBEHAVE_HEADER, "delay:150ms")
+            .body(Empty::new().boxed());
+        body_of(client.send_request(request.unwrap()).await.unwrap()).await;
+        assert!(started.elapsed() >= Duration::from_millis(150));
+    }
+
+    #[tokio::test]
+    async fn reset_closes_http1_connection_and_resets_only_the_h2_stream() {
+        let echo = start(EchoFormat::Json, false).await;
+        echo.misbehave_times(Misbehaviour::Reset, 1).await;
+        let mut raw = TcpStream::connect(echo.addr()).await.unwrap();
+        raw.write_all(b"POST /r HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let err = raw.read_to_end(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert!(buf.is_empty());
+
+        echo.misbehave_times(Misbehaviour::Reset, 1).await;
+        let mut client = h2(echo.addr()).await;
+        let err = client.send_request(get("http://x/r")).await.unwrap_err();
+        let h2_error = std::error::Error::source(&err)
+            .and_then(|e| e.downcast_ref::<h2::Error>())
+            .expect("an h2 error");
+        assert!(h2_error.is_reset(), "{h2_error}");
+        let (parts, _, _) = body_of(client.send_request(get("http://x/r")).await.unwrap()).await;
+        assert_eq!(parts.status, 200, "the connection survives a stream reset");
+        assert_eq!(echo.exchanges()[1].misbehaviour, Some(Misbehaviour::Reset));
+    }
+
+    #[tokio::test]
+    async fn close_after_headers_truncates_the_body() {
+        let echo = start(EchoFormat::Json, false).await;
+        echo.misbehave_times(Misbehaviour::CloseAfterHeaders, 2).await;
+        let response = h1(echo.addr()).await.send_request(get("/t")).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()[CONTENT_LENGTH], TRUNCATED_LENGTH.to_string());
+        assert!(response.into_body().collect().await.is_err(), "HTTP/1.1 body cut short");
+        let response = h2(echo.addr()).await.send_request(get("http://x/t")).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.into_body().collect().await.is_err(), "h2 body reset");
+        let (parts, _, _) = body_of(h1(echo.addr()).await.send_request(get("/t")).await.unwrap()).await;
+        assert_eq!(parts.status, 200);
+    }
+
+    #[tokio::test]
+    async fn hang_never_answers_and_counts_the_cancellation() {
+        let echo = start(EchoFormat::Json, false).await;
+        echo.misbehave(Misbehaviour::Hang).await;
+        let mut client = h2(echo.addr()).await;
+        let pending = tokio::spawn(client.send_request(get("http://x/hang")));
+        echo.wait_for_in_flight(1).await;
+        assert!(!pending.is_finished());
+        // The client gives up: h2 resets the stream, the server drops the handler.
+        pending.abort();
+        echo.wait_for_cancelled(1).await;
+        assert_eq!(echo.in_flight(), 0);
+        // Over HTTP/1.1 the client closes the connection.
+        let mut raw = TcpStream::connect(echo.addr()).await.unwrap();
+        raw.write_all(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        echo.wait_for_in_flight(1).await;
+        drop(raw);
+        echo.wait_for_cancelled(2).await;
+        echo.behave().await;
+        let (parts, _, _) = body_of(client.send_request(get("http://x/ok")).await.unwrap()).await;
+        assert_eq!(parts.status, 200);
+    }
+
+    #[tokio::test]
+    async fn refused_then_accepted_again_on_the_same_address() {
+        let echo = start(EchoFormat::Json, false).await;
+        echo.misbehave(Misbehaviour::RefuseConnections).await;
+        let err = TcpStream::connect(echo.addr()).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+        assert_eq!(echo.connections_accepted(), 0);
+        echo.behave().await;
+        let (parts, _, _) = body_of(h1(echo.addr()).await.send_request(get("/")).await.unwrap()).await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(echo.connections_accepted(), 1);
+    }
+
+    #[tokio::test]
+    async fn dropped_connections_are_reset_before_reading() {
+        let echo = start(EchoFormat::Json, false).await;
+        echo.misbehave_times(Misbehaviour::DropConnections, 1).await;
+        let mut raw = TcpStream::connect(echo.addr()).await.unwrap();
+        let mut buf = [0u8; 16];
+        let read = raw.read(&mut buf).await;
+        assert!(
+            matches!(&read, Ok(0)) || matches!(&read, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{read:?}"
+        );
+        let (parts, _, _) = body_of(h1(echo.addr()).await.send_request(get("/")).await.unwrap()).await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(echo.connections_accepted(), 2);
+        assert_eq!(echo.requests_seen(), 1);
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@ pub mod echo;
 pub mod envoy;
 pub mod hbone;
 pub mod mesh;
+pub mod misbehave;
 pub mod net;
 pub mod pki;
 pub mod runner;

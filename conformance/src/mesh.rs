@@ -311,9 +311,13 @@ impl MeshBuilder {
         let leaf = ca.issue(&self.waypoint_namespace, &self.waypoint_service_account, self.key_kind)?;
         leaf.write_to(dir.path(), "waypoint")?;
         ca.write_root(dir.path(), "root.pem")?;
-        let base_config = self.render(&addrs, &pods)?;
+        let (base_config, pod_documents) = self.render(&addrs, &pods)?;
         let config_path = dir.path().join("waypoint.yaml");
-        write_config(&config_path, &base_config, &self.extra_config)?;
+        write_config(
+            &config_path,
+            &join_base(&base_config, &pod_documents, &[]),
+            &self.extra_config,
+        )?;
 
         let mut mesh = Mesh {
             waypoint_identity: ca.spiffe_id(&self.waypoint_namespace, &self.waypoint_service_account),
@@ -323,6 +327,7 @@ impl MeshBuilder {
             pods,
             addrs,
             base_config,
+            pod_documents,
             config_path,
             waypoint: Waypoint::External,
             dir,
@@ -395,16 +400,27 @@ impl MeshBuilder {
         ports
     }
 
-    fn render(&self, addrs: &WaypointAddrs, pods: &[RunningPod]) -> Result<String, MeshError> {
-        let mut documents = vec![self.waypoint_document(addrs)];
-        documents.extend(self.services.iter().map(service_document));
-        documents.extend(pods.iter().map(|pod| pod_document(pod, &self.ports_of(&pod.spec))));
-        let mut out = String::new();
-        for document in &documents {
-            out.push_str("---\n");
-            out.push_str(&serde_saphyr::to_string(document).map_err(|e| MeshError::Render(e.to_string()))?);
+    /// The WaypointConfig and Service documents, and each pod's document by pod name (kept apart so a test
+    /// can take pods out of the config, as endpoints leaving).
+    fn render(&self, addrs: &WaypointAddrs, pods: &[RunningPod]) -> Result<(String, Vec<(String, String)>), MeshError> {
+        let yaml = |document: &Value| -> Result<String, MeshError> {
+            let text = serde_saphyr::to_string(document).map_err(|e| MeshError::Render(e.to_string()))?;
+            Ok(format!("---\n{text}"))
+        };
+        let mut head = yaml(&self.waypoint_document(addrs))?;
+        for service in &self.services {
+            head.push_str(&yaml(&service_document(service))?);
         }
-        Ok(out)
+        let pods = pods
+            .iter()
+            .map(|pod| {
+                Ok((
+                    pod.spec.name.clone(),
+                    yaml(&pod_document(pod, &self.ports_of(&pod.spec)))?,
+                ))
+            })
+            .collect::<Result<_, MeshError>>()?;
+        Ok((head, pods))
     }
 
     fn waypoint_document(&self, addrs: &WaypointAddrs) -> Value {
@@ -478,6 +494,17 @@ fn pod_document(pod: &RunningPod, ports: &[PortSpec]) -> Value {
         },
         "status": {"podIP": pod.ip.to_string(), "phase": "Running"},
     })
+}
+
+/// The base documents without the pods named in `removed`.
+fn join_base(head: &str, pods: &[(String, String)], removed: &[&str]) -> String {
+    let mut out = head.to_string();
+    for (name, document) in pods {
+        if !removed.contains(&name.as_str()) {
+            out.push_str(document);
+        }
+    }
+    out
 }
 
 /// The base documents followed by the caller's extra ones, replaced atomically (write + rename) so that a
@@ -559,7 +586,10 @@ pub struct Mesh {
     pods: Vec<RunningPod>,
     addrs: WaypointAddrs,
     waypoint_identity: String,
+    /// WaypointConfig and Services.
     base_config: String,
+    /// (pod name, its document).
+    pod_documents: Vec<(String, String)>,
     config_path: PathBuf,
     waypoint: Waypoint,
     // Last: removed after the waypoint stopped using the files.
@@ -688,8 +718,15 @@ impl Mesh {
 
     /// Re-renders the config file with `extra` documents in place of the builder's (hot-reload tests).
     pub fn rewrite_config(&self, extra: &[&str]) -> Result<(), MeshError> {
+        self.rewrite_config_without_pods(&[], extra)
+    }
+
+    /// Like [`Mesh::rewrite_config`], and the pods named in `removed` leave the config (their endpoints go
+    /// away, as when pods are deleted; their servers keep running).
+    pub fn rewrite_config_without_pods(&self, removed: &[&str], extra: &[&str]) -> Result<(), MeshError> {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        write_config(&self.config_path, &self.base_config, &extra)
+        let base = join_base(&self.base_config, &self.pod_documents, removed);
+        write_config(&self.config_path, &base, &extra)
     }
 
     /// A source ztunnel for a client workload `namespace`/`service_account`, dialing the waypoint from its

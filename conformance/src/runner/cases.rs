@@ -625,6 +625,21 @@ tests:
         assert_eq!(br.path.as_deref(), Some("/retry?uuid=u-1"));
     }
 
+    /// Our own case files parse completely, each harness finds its block, and their manifests exist.
+    #[test]
+    fn own_case_files_parse_completely() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("cases");
+        let harnesses = check_case_files(&dir, &["istio-traffic.yaml"]);
+        assert!(harnesses.contains("mesh_weighted_distribution") && harnesses.contains("retry_probe"));
+        let file = load(&dir.join("istio-traffic.yaml")).unwrap();
+        for test in &file.tests {
+            let TestEntry::Parsed(t) = test else { unreachable!() };
+            for manifest in t.manifests.iter().filter(|m| m.starts_with("istio/")) {
+                assert!(dir.join("manifests").join(manifest).is_file(), "{}: {manifest}", t.name);
+            }
+        }
+    }
+
     /// Both shared files parse completely, and every harness kind they name is one the runner knows.
     #[test]
     fn shared_case_files_parse_completely() {
@@ -633,8 +648,13 @@ tests:
             eprintln!("skipping: {} is absent", dir.display());
             return;
         }
+        let harnesses = check_case_files(&dir, &["cases.yaml", "istio-cases.yaml"]);
+        assert!(harnesses.len() >= 9, "{harnesses:?}");
+    }
+
+    fn check_case_files(dir: &Path, names: &[&str]) -> std::collections::BTreeSet<String> {
         let mut harnesses = std::collections::BTreeSet::new();
-        for name in ["cases.yaml", "istio-cases.yaml"] {
+        for name in names {
             let file = load(&dir.join(name)).unwrap();
             assert!(!file.tests.is_empty());
             for test in &file.tests {
@@ -691,6 +711,6 @@ tests:
                 "unknown harness {h}"
             );
         }
-        assert!(harnesses.len() >= 9, "{harnesses:?}");
+        harnesses
     }
 }

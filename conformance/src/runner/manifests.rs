@@ -115,25 +115,40 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError> {
         .collect()
 }
 
-/// Manifest files read so far, keyed by their path relative to the manifests directory.
+/// Manifest files read so far, keyed by their path relative to the manifests directories.
 #[derive(Debug)]
 pub struct ManifestCache {
-    dir: PathBuf,
+    /// Lookup order: the first directory holding a relative path serves it.
+    dirs: Vec<PathBuf>,
     files: HashMap<String, Result<Vec<Object>, ManifestError>>,
 }
 
 impl ManifestCache {
     pub fn new(dir: &Path) -> ManifestCache {
+        ManifestCache::with_dirs(&[dir.to_path_buf()])
+    }
+
+    pub fn with_dirs(dirs: &[PathBuf]) -> ManifestCache {
         ManifestCache {
-            dir: dir.to_path_buf(),
+            dirs: dirs.to_vec(),
             files: HashMap::new(),
         }
     }
 
+    /// Where `relative` is read from: the first directory that has it (the first directory when none has,
+    /// so the error names a path).
+    fn locate(&self, relative: &str) -> PathBuf {
+        let candidates = self.dirs.iter().map(|dir| dir.join(relative));
+        candidates
+            .clone()
+            .find(|path| path.is_file())
+            .or_else(|| candidates.into_iter().next())
+            .unwrap_or_else(|| PathBuf::from(relative))
+    }
+
     pub fn file(&mut self, relative: &str) -> Result<&[Object], ManifestError> {
-        let dir = &self.dir;
+        let path = self.locate(relative);
         let entry = self.files.entry(relative.to_string()).or_insert_with(|| {
-            let path = dir.join(relative);
             let text = std::fs::read_to_string(&path).map_err(|e| ManifestError::Read {
                 path: path.clone(),
                 reason: e.to_string(),
@@ -199,6 +214,29 @@ mod tests {
         assert_eq!(merged.len(), 2);
         assert_eq!(merged[0].value["spec"]["v"], 2);
         assert!(cache.merged(&["missing.yaml".into()]).is_err());
+
+        // A second directory: its files are found, and the first directory wins where both have a path.
+        let own = dir.join("own");
+        std::fs::create_dir_all(own.join("sub")).unwrap();
+        std::fs::write(
+            own.join("a.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: n}\nspec: {v: 3}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            own.join("sub/c.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: c, namespace: n}\n",
+        )
+        .unwrap();
+        let mut cache = ManifestCache::with_dirs(&[own.clone(), dir.clone()]);
+        let merged = cache
+            .merged(&["b.yaml".into(), "a.yaml".into(), "sub/c.yaml".into()])
+            .unwrap();
+        assert_eq!(merged.len(), 3);
+        assert_eq!(merged[0].value["spec"]["v"], 3, "own a.yaml replaced b.yaml's s");
+        assert_eq!(merged[2].name, "c");
+        let err = cache.merged(&["nowhere.yaml".into()]).unwrap_err();
+        assert!(err.to_string().contains("own/nowhere.yaml"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -48,7 +48,9 @@ pub const DEFAULT_REPORT: &str = "conformance-report.json";
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub cases: PathBuf,
-    pub manifests: PathBuf,
+    /// Where the case file's manifest paths are looked up, in order: the first directory holding a path wins
+    /// (e.g. a project's own manifests, then the shared upstream ones).
+    pub manifests: Vec<PathBuf>,
     /// Run only these tests (by exact name); all when empty.
     pub only: Vec<String>,
     pub settings: Settings,
@@ -60,11 +62,17 @@ impl RunOptions {
     pub fn new(cases: impl Into<PathBuf>, manifests: impl Into<PathBuf>) -> RunOptions {
         RunOptions {
             cases: cases.into(),
-            manifests: manifests.into(),
+            manifests: vec![manifests.into()],
             only: Vec::new(),
             settings: Settings::UPSTREAM,
             progress: false,
         }
+    }
+
+    /// Also look up manifests in `dir`, after the directories given so far.
+    pub fn manifests_dir(mut self, dir: impl Into<PathBuf>) -> RunOptions {
+        self.manifests.push(dir.into());
+        self
     }
 }
 
@@ -85,8 +93,11 @@ pub enum RunnerError {
 pub async fn run(options: &RunOptions) -> Result<RunReport, RunnerError> {
     let start = Instant::now();
     let file = cases::load(&options.cases)?;
-    if !options.manifests.is_dir() {
-        return Err(RunnerError::NoManifests(options.manifests.clone()));
+    if options.manifests.is_empty() {
+        return Err(RunnerError::NoManifests(PathBuf::new()));
+    }
+    if let Some(missing) = options.manifests.iter().find(|dir| !dir.is_dir()) {
+        return Err(RunnerError::NoManifests(missing.clone()));
     }
     if let Some(unknown) = options
         .only
@@ -101,7 +112,7 @@ pub async fn run(options: &RunOptions) -> Result<RunReport, RunnerError> {
         .filter(|t| options.only.is_empty() || options.only.iter().any(|n| n == t.name()))
         .collect();
     let mut env = Environment::start().await?;
-    let mut cache = ManifestCache::new(&options.manifests);
+    let mut cache = ManifestCache::with_dirs(&options.manifests);
     let mut reports = Vec::with_capacity(selected.len());
     for entry in selected {
         let report = run_test(&mut env, &mut cache, entry, &options.settings).await;

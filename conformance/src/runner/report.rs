@@ -1,6 +1,6 @@
 //! Results: one line per test for people, a JSON report with every case for tools.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -136,7 +136,8 @@ fn one_line(text: &str) -> String {
 pub struct RunReport {
     pub format: String,
     pub cases_file: String,
-    pub manifests_dir: String,
+    /// The manifest directories, in lookup order.
+    pub manifests_dirs: Vec<String>,
     pub passed: usize,
     pub failed: usize,
     pub skipped: usize,
@@ -148,7 +149,7 @@ impl RunReport {
     pub fn new(
         format: &str,
         cases_file: &Path,
-        manifests_dir: &Path,
+        manifests_dirs: &[PathBuf],
         tests: Vec<TestReport>,
         duration_ms: u64,
     ) -> Self {
@@ -156,7 +157,7 @@ impl RunReport {
         RunReport {
             format: format.to_string(),
             cases_file: cases_file.display().to_string(),
-            manifests_dir: manifests_dir.display().to_string(),
+            manifests_dirs: manifests_dirs.iter().map(|d| d.display().to_string()).collect(),
             passed: count(Verdict::Pass),
             failed: count(Verdict::Fail),
             skipped: count(Verdict::Skip),
@@ -223,7 +224,13 @@ mod tests {
                 .line()
                 .ends_with(" [the waypoint ignored security.istio.io/v1/AuthorizationPolicy ns/p]")
         );
-        let run = RunReport::new("f", Path::new("c"), Path::new("m"), vec![pass, fail, skip, broken], 5);
+        let run = RunReport::new(
+            "f",
+            Path::new("c"),
+            &[PathBuf::from("m")],
+            vec![pass, fail, skip, broken],
+            5,
+        );
         assert_eq!(run.summary_line(), "1 passed, 2 failed, 1 skipped");
         let json = serde_json::to_value(&run).unwrap_or_default();
         assert_eq!(json["tests"][1]["cases"][1]["verdict"], "fail");
