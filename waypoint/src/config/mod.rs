@@ -143,7 +143,7 @@ pub struct Backend {
     /// Runtime state (load balancer, breaker, endpoint health) attached by the upstream module on first use;
     /// the state itself lives in a registry keyed by [`Backend::key`] so it survives config swaps.
     #[serde(skip)]
-    pub runtime: std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
+    pub runtime: std::sync::OnceLock<Arc<crate::upstream::cluster::BackendRuntime>>,
     #[serde(skip)]
     cursor: AtomicUsize,
 }

@@ -3,6 +3,8 @@
 
 use http::StatusCode;
 
+use waypoint_filters::breaker::Overflow;
+
 use crate::hbone::client::HboneError;
 
 #[derive(Debug, thiserror::Error)]
@@ -17,8 +19,14 @@ pub enum ProxyError {
     IdentityMismatch(String),
     #[error("upstream reset: {0}")]
     UpstreamReset(String),
+    /// HTTP/2 `REFUSED_STREAM`: the endpoint did not process the request (safe to retry anywhere).
+    #[error("upstream refused the stream: {0}")]
+    UpstreamRefusedStream(String),
     #[error("upstream request timeout")]
     UpstreamTimeout,
+    /// A circuit breaker limit of the backend (`connectionPool`) is full.
+    #[error("upstream overflow: {0}")]
+    Overflow(Overflow),
     #[error("bad request: {0}")]
     BadRequest(String),
 }
@@ -30,7 +38,9 @@ impl ProxyError {
             ProxyError::NoHealthyUpstream(_)
             | ProxyError::UpstreamConnect(_)
             | ProxyError::IdentityMismatch(_)
-            | ProxyError::UpstreamReset(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::UpstreamReset(_)
+            | ProxyError::UpstreamRefusedStream(_)
+            | ProxyError::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
         }
@@ -42,8 +52,9 @@ impl ProxyError {
             ProxyError::NoRoute(_) => "NR",
             ProxyError::NoHealthyUpstream(_) => "UH",
             ProxyError::UpstreamConnect(_) | ProxyError::IdentityMismatch(_) => "UF",
-            ProxyError::UpstreamReset(_) => "UR",
+            ProxyError::UpstreamReset(_) | ProxyError::UpstreamRefusedStream(_) => "UR",
             ProxyError::UpstreamTimeout => "UT",
+            ProxyError::Overflow(_) => "UO",
             ProxyError::BadRequest(_) => "DPE",
         }
     }
@@ -59,7 +70,13 @@ impl ProxyError {
             ProxyError::UpstreamReset(_) => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination\n"
             }
+            ProxyError::UpstreamRefusedStream(_) => {
+                "upstream connect error or disconnect/reset before headers. reset reason: remote refused stream reset\n"
+            }
             ProxyError::UpstreamTimeout => "upstream request timeout\n",
+            ProxyError::Overflow(_) => {
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow\n"
+            }
             ProxyError::BadRequest(_) => "bad request\n",
         }
     }
@@ -87,7 +104,9 @@ mod tests {
             (ProxyError::UpstreamConnect("x".into()), 503, "UF"),
             (ProxyError::IdentityMismatch("x".into()), 503, "UF"),
             (ProxyError::UpstreamReset("x".into()), 503, "UR"),
+            (ProxyError::UpstreamRefusedStream("x".into()), 503, "UR"),
             (ProxyError::UpstreamTimeout, 504, "UT"),
+            (ProxyError::Overflow(Overflow::Pending), 503, "UO"),
         ];
         for (e, status, flag) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");

@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use waypoint_filters::authz::{ConnectionInfo, ExtAuthz};
-use waypoint_filters::context::{MirrorSink, ResponseFlag};
+use waypoint_filters::context::{Attempt, MirrorSink, ResponseFlag};
 
 use super::Ctx;
 use super::error::ProxyError;
@@ -29,7 +29,9 @@ use crate::config::{Backend, PortProtocol};
 use crate::ext_authz::ExtAuthzClient;
 use crate::hbone::server::Peer;
 use crate::upstream::Upstream;
+use crate::upstream::cluster::{ClientAddr, InFlight, PickInput};
 use crate::upstream::http_pool::{Body, BoxError, Protocol};
+use crate::upstream::outlier::Outcome;
 
 /// What every request in one tunnel shares.
 pub struct TunnelInfo {
@@ -129,6 +131,10 @@ pub fn local_reply(e: &ProxyError) -> Response<Body> {
     *resp.status_mut() = e.status();
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if let ProxyError::Overflow(_) = e {
+        resp.headers_mut()
+            .insert(X_ENVOY_OVERLOADED, HeaderValue::from_static("true"));
+    }
     resp.extensions_mut().insert(ResponseFlag(e.flag()));
     resp
 }
@@ -141,6 +147,7 @@ fn full(s: &'static str) -> Body {
 
 async fn proxy(ctx: &Ctx, tunnel: &TunnelInfo, mut req: Request<Incoming>) -> Response<Body> {
     let snapshot = ctx.config.load();
+    let needs_client_addr = ctx.upstream.prepare(&snapshot);
     let Some(binding) = snapshot.resolve(&tunnel.vip) else {
         return local_reply(&ProxyError::NoRoute(tunnel.vip.to_string()));
     };
@@ -170,6 +177,9 @@ async fn proxy(ctx: &Ctx, tunnel: &TunnelInfo, mut req: Request<Incoming>) -> Re
         }
     }
     let mut req = Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed());
+    if needs_client_addr && let Some(ip) = tunnel.conn.source_ip {
+        req.extensions_mut().insert(ClientAddr(ip));
+    }
 
     let table = binding
         .routes
@@ -217,27 +227,50 @@ async fn proxy(ctx: &Ctx, tunnel: &TunnelInfo, mut req: Request<Incoming>) -> Re
 }
 
 /// Send to one endpoint of `backend`, in the protocol the backend port declares (or the client's, when the
-/// port declares none).
+/// port declares none). The endpoint is the backend's load balancer's choice (avoiding endpoints an earlier
+/// attempt of the request used, see [`Attempt`]); the outcome feeds its outlier detection.
 pub async fn send_to_backend(
     upstream: &Upstream,
     backend: &Backend,
     req: Request<Body>,
 ) -> Result<Response<Body>, ProxyError> {
-    let ep = backend.pick().cloned().ok_or_else(|| {
+    let rt = upstream.runtime(backend);
+    let (mut parts, body) = req.into_parts();
+    let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
+    let (hash, set_cookie) = rt.request_hash(&parts, client);
+    let attempt = parts.extensions.get::<Attempt>();
+    let index = rt.pick(&PickInput { hash, attempt }).ok_or_else(|| {
         ProxyError::NoHealthyUpstream(format!("{}/{}:{}", backend.namespace, backend.service, backend.port))
     })?;
+    let Some(ep) = backend.endpoints.get(index) else {
+        return Err(ProxyError::NoHealthyUpstream(rt.name().to_string()));
+    };
+    if let Some(a) = attempt {
+        a.record(ep.addr);
+    }
+    // With outlier detection, note the attempt so a timeout that drops this future is still counted.
+    let in_flight = rt
+        .policy
+        .outlier
+        .as_ref()
+        .and_then(|_| parts.extensions.get::<InFlight>().cloned());
+    if let Some(slot) = &in_flight
+        && let Some((previous, i)) = slot.start(rt.clone(), index)
+    {
+        previous.report(i, Outcome::LocalFailure);
+    }
+    let active = rt.begin(index);
     let proto = match backend.protocol {
         PortProtocol::Http2 => Protocol::Http2,
         PortProtocol::Http => Protocol::Http1,
         PortProtocol::Detect | PortProtocol::Tcp => {
-            if req.version() == Version::HTTP_2 {
+            if parts.version == Version::HTTP_2 {
                 Protocol::Http2
             } else {
                 Protocol::Http1
             }
         }
     };
-    let (mut parts, body) = req.into_parts();
     let authority = parts
         .headers
         .get(header::HOST)
@@ -265,10 +298,60 @@ pub async fn send_to_backend(
             parts.headers.remove(header::UPGRADE);
         }
     }
-    upstream
+    let result = upstream
         .http
-        .send(upstream, &ep, proto, Request::from_parts(parts, body))
-        .await
+        .send_with(upstream, &rt.pool_params(), ep, proto, Request::from_parts(parts, body))
+        .await;
+    if let Some(slot) = &in_flight {
+        slot.take();
+    }
+    match &result {
+        Ok(resp) => rt.report(index, Outcome::Status(resp.status().as_u16())),
+        // An overflow never reached the endpoint; anything else is the endpoint's (or its path's) failure.
+        Err(ProxyError::Overflow(_)) => {}
+        Err(_) => rt.report(index, Outcome::LocalFailure),
+    }
+    let mut resp = result?;
+    if let Some(cookie) = set_cookie {
+        resp.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    if let Some(active) = active {
+        // Least request counts the request until its response body ends.
+        resp = resp.map(|b| {
+            Guarded {
+                inner: b,
+                _guard: active,
+            }
+            .boxed()
+        });
+    }
+    Ok(resp)
+}
+
+/// A response body that holds something (an active-request count) until it is done or dropped.
+struct Guarded<G> {
+    inner: Body,
+    _guard: G,
+}
+
+impl<G: Send + Sync + Unpin + 'static> http_body::Body for Guarded<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// After a 101, both sides become raw byte streams (WebSocket and other HTTP/1.1 upgrades).
@@ -288,6 +371,7 @@ async fn splice_upgrade(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnU
 }
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");

@@ -1,19 +1,29 @@
-//! Pooled HTTP client connections to endpoints, each running over an [`super::UpstreamIo`] pipe.
+//! Pooled HTTP client connections to endpoints, each running over an [`super::UpstreamIo`] pipe, one pool per
+//! backend (Envoy pools per cluster, and connection limits are per backend).
 //!
 //! * HTTP/1.1: idle connections per endpoint, reused LIFO (the most recently used one is the one most likely
 //!   still open). A connection goes back to the pool when its response body has been read to the end; a
-//!   response dropped half-read makes hyper close the connection, so it is simply not returned.
-//! * HTTP/2 (h2c inside the tunnel): one multiplexed connection per endpoint, reopened when it dies.
+//!   response dropped half-read makes hyper close the connection, so it is simply not returned. Idle
+//!   connections older than the backend's `idleTimeout` are closed rather than reused; after
+//!   `maxRequestsPerConnection` requests a connection is closed instead of returned.
+//! * HTTP/2 (h2c inside the tunnel): one multiplexed connection per endpoint, reopened when it dies, and
+//!   replaced by a new one after `maxRequestsPerConnection` streams (the old one finishes its streams).
+//! * `maxConnections` ([`ConnGate`]): every HTTP/1.1 connection holds a permit of the backend's circuit
+//!   breaker while it is open, idle or busy. A request that finds no idle connection and no free permit waits
+//!   as one of at most `http1MaxPendingRequests` pending requests until a connection of the backend is
+//!   returned or closed (if the returned connection goes to another endpoint, an idle connection is closed to
+//!   free its permit); beyond that bound the answer is 503 `UO` at once.
 //!
 //! A request that hyper reports as never sent (the pooled connection closed under us) is retried once on a
 //! fresh connection; nothing of it reached the endpoint, so this is safe whatever the method.
 
 use std::collections::HashMap;
+use std::error::Error as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -22,6 +32,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use waypoint_filters::breaker::{CircuitBreaker, Permit};
 
 use super::Upstream;
 use crate::config::Endpoint;
@@ -31,9 +44,10 @@ use crate::proxy::error::ProxyError;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
-/// Idle HTTP/1.1 connections older than this are closed rather than reused (Envoy's upstream idle timeout is
-/// 1 h; servers commonly close idle keep-alive connections much sooner, so reuse only recent ones).
-const H1_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle HTTP/1.1 connections older than this are closed rather than reused, unless the backend's
+/// `idleTimeout` says otherwise (Envoy's upstream idle timeout is 1 h; servers commonly close idle keep-alive
+/// connections much sooner, so by default reuse only recent ones).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const H1_MAX_IDLE_PER_ENDPOINT: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,37 +56,121 @@ pub enum Protocol {
     Http2,
 }
 
+/// A backend's connection limit, shared by every connection to its endpoints.
+#[derive(Debug)]
+pub struct ConnGate {
+    pub breaker: Arc<CircuitBreaker>,
+    /// Signalled when a connection is returned idle or closed (pending requests re-check).
+    freed: Notify,
+}
+
+impl ConnGate {
+    pub fn new(breaker: Arc<CircuitBreaker>) -> ConnGate {
+        ConnGate {
+            breaker,
+            freed: Notify::new(),
+        }
+    }
+
+    /// A connection permit, held as long as the connection (or TCP tunnel) is open.
+    pub fn try_connection(self: &Arc<Self>) -> Result<ConnPermit, ProxyError> {
+        let permit = self.breaker.try_connection().map_err(ProxyError::Overflow)?;
+        Ok(ConnPermit {
+            permit: Some(permit),
+            gate: self.clone(),
+        })
+    }
+
+    fn limited(&self) -> bool {
+        self.breaker.limits().max_connections.is_some()
+    }
+
+    fn has_pending(&self) -> bool {
+        self.breaker.in_use()[1] > 0
+    }
+}
+
+/// One of a backend's `maxConnections`; released (and pending requests woken) on drop.
+pub struct ConnPermit {
+    permit: Option<Permit>,
+    gate: Arc<ConnGate>,
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        // Release before waking, or the woken request would find the permit still taken.
+        drop(self.permit.take());
+        self.gate.freed.notify_waiters();
+    }
+}
+
+/// How one backend's connections are pooled and limited.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolParams<'a> {
+    /// `None`: no connection limit and nothing counted (providers reached outside any backend).
+    pub gate: Option<&'a Arc<ConnGate>>,
+    pub pool_id: u64,
+    pub idle_timeout: Duration,
+    pub max_requests_per_connection: Option<u32>,
+    pub connect_timeout: Option<Duration>,
+}
+
+impl Default for PoolParams<'_> {
+    fn default() -> Self {
+        PoolParams {
+            gate: None,
+            pool_id: 0,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_requests_per_connection: None,
+            connect_timeout: None,
+        }
+    }
+}
+
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Key {
     addr: SocketAddr,
     hbone: Option<SocketAddr>,
     identity: SpiffeId,
+    pool: u64,
 }
 
 impl Key {
-    fn of(ep: &Endpoint) -> Key {
+    fn of(ep: &Endpoint, pool: u64) -> Key {
         Key {
             addr: ep.addr,
             hbone: ep.hbone,
             identity: ep.identity.clone(),
+            pool,
         }
     }
 }
 
-struct Idle {
+struct H1Conn {
     send: http1::SendRequest<Body>,
-    since: Instant,
+    /// Requests sent on this connection so far.
+    served: u32,
+    gate: Option<Arc<ConnGate>>,
 }
+
+struct Idle {
+    conn: H1Conn,
+    expires: Instant,
+}
+
+type IdleMap = Arc<Mutex<HashMap<Key, Vec<Idle>>>>;
 
 #[derive(Default)]
 struct H2Entry {
     send: Option<http2::SendRequest<Body>>,
     opening: Arc<tokio::sync::Mutex<()>>,
+    /// Streams opened on `send` so far.
+    streams: u32,
 }
 
 #[derive(Default)]
 pub struct HttpPool {
-    h1: Arc<Mutex<HashMap<Key, Vec<Idle>>>>,
+    h1: IdleMap,
     h2: Mutex<HashMap<Key, H2Entry>>,
 }
 
@@ -80,11 +178,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A failed exchange: an HTTP/2 `REFUSED_STREAM` (the server did not process the request, safe to retry)
+/// apart from other resets.
 fn reset(e: hyper::Error) -> ProxyError {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            if h2e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return ProxyError::UpstreamRefusedStream(e.to_string());
+            }
+            break;
+        }
+        source = s.source();
+    }
     ProxyError::UpstreamReset(e.to_string())
 }
 
 impl HttpPool {
+    /// Sends outside any backend's limits (ext_authz providers).
     pub async fn send(
         &self,
         upstream: &Upstream,
@@ -92,13 +203,24 @@ impl HttpPool {
         proto: Protocol,
         req: Request<Body>,
     ) -> Result<Response<Body>, ProxyError> {
+        self.send_with(upstream, &PoolParams::default(), ep, proto, req).await
+    }
+
+    pub async fn send_with(
+        &self,
+        upstream: &Upstream,
+        params: &PoolParams<'_>,
+        ep: &Endpoint,
+        proto: Protocol,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, ProxyError> {
         match proto {
-            Protocol::Http1 => self.send_h1(upstream, ep, req).await,
-            Protocol::Http2 => self.send_h2(upstream, ep, req).await,
+            Protocol::Http1 => self.send_h1(upstream, params, ep, req).await,
+            Protocol::Http2 => self.send_h2(upstream, params, ep, req).await,
         }
     }
 
-    async fn checkout_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
+    async fn checkout_h1(&self, key: &Key) -> Option<H1Conn> {
         loop {
             let idle = {
                 let mut pool = lock(&self.h1);
@@ -109,19 +231,25 @@ impl HttpPool {
                 }
                 idle?
             };
-            if idle.since.elapsed() > H1_IDLE_TIMEOUT || idle.send.is_closed() {
+            if idle.expires <= Instant::now() || idle.conn.send.is_closed() {
                 continue;
             }
-            let mut send = idle.send;
+            let mut conn = idle.conn;
             // Usually ready at once; otherwise the connection is finishing the previous exchange.
-            if send.ready().await.is_ok() {
-                return Some(send);
+            if conn.send.ready().await.is_ok() {
+                return Some(conn);
             }
         }
     }
 
-    async fn open_h1(&self, upstream: &Upstream, ep: &Endpoint) -> Result<http1::SendRequest<Body>, ProxyError> {
-        let io = upstream.connect(ep).await?;
+    async fn open_h1(
+        &self,
+        upstream: &Upstream,
+        params: &PoolParams<'_>,
+        ep: &Endpoint,
+        permit: Option<ConnPermit>,
+    ) -> Result<H1Conn, ProxyError> {
+        let io = upstream.connect_with(ep, params.connect_timeout).await?;
         let (send, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -131,29 +259,97 @@ impl HttpPool {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(endpoint = %addr, error = %e, "upstream HTTP/1.1 connection ended");
             }
+            // The connection is gone: its slot under `maxConnections` is free.
+            drop(permit);
         });
-        Ok(send)
+        Ok(H1Conn {
+            send,
+            served: 0,
+            gate: params.gate.cloned(),
+        })
+    }
+
+    /// A connection for a request that found none idle: a new one if the limit allows, else wait as a pending
+    /// request (bounded) for one to be returned or for a permit.
+    async fn acquire_h1(
+        &self,
+        upstream: &Upstream,
+        params: &PoolParams<'_>,
+        ep: &Endpoint,
+        key: &Key,
+    ) -> Result<(H1Conn, bool), ProxyError> {
+        let Some(gate) = params.gate else {
+            return Ok((self.open_h1(upstream, params, ep, None).await?, false));
+        };
+        if let Ok(permit) = gate.try_connection() {
+            return Ok((self.open_h1(upstream, params, ep, Some(permit)).await?, false));
+        }
+        let _pending = gate.breaker.try_pending().map_err(ProxyError::Overflow)?;
+        loop {
+            // Registered before looking, so a connection freed after the look still wakes this request.
+            let freed = gate.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(conn) = self.checkout_h1(key).await {
+                return Ok((conn, true));
+            }
+            if let Ok(permit) = gate.try_connection() {
+                return Ok((self.open_h1(upstream, params, ep, Some(permit)).await?, false));
+            }
+            // Every permit is taken; if one is held by an idle connection to another endpoint, close that
+            // connection (its permit comes back when it has closed, which wakes this loop).
+            self.evict_idle(params.pool_id);
+            freed.await;
+        }
+    }
+
+    fn evict_idle(&self, pool_id: u64) -> bool {
+        let evicted = {
+            let mut pool = lock(&self.h1);
+            let key = pool
+                .iter()
+                .find(|(k, list)| k.pool == pool_id && !list.is_empty())
+                .map(|(k, _)| k.clone());
+            key.and_then(|k| {
+                let list = pool.get_mut(&k)?;
+                // The oldest: the least likely to be reused soon.
+                let idle = (!list.is_empty()).then(|| list.remove(0));
+                if list.is_empty() {
+                    pool.remove(&k);
+                }
+                idle
+            })
+        };
+        evicted.is_some()
+    }
+
+    /// Closes idle connections past their idle timeout (also those of backends that no longer exist).
+    pub fn purge_idle(&self) {
+        let now = Instant::now();
+        let mut pool = lock(&self.h1);
+        pool.retain(|_, list| {
+            list.retain(|idle| idle.expires > now && !idle.conn.send.is_closed());
+            !list.is_empty()
+        });
     }
 
     async fn send_h1(
         &self,
         upstream: &Upstream,
+        params: &PoolParams<'_>,
         ep: &Endpoint,
         req: Request<Body>,
     ) -> Result<Response<Body>, ProxyError> {
-        let key = Key::of(ep);
+        let key = Key::of(ep, params.pool_id);
         let mut req = req;
-        let mut reused = true;
-        let (send, resp) = loop {
-            let mut send = match self.checkout_h1(&key).await {
-                Some(s) => s,
-                None => {
-                    reused = false;
-                    self.open_h1(upstream, ep).await?
-                }
+        let (conn, resp) = loop {
+            let (mut conn, reused) = match self.checkout_h1(&key).await {
+                Some(c) => (c, true),
+                None => self.acquire_h1(upstream, params, ep, &key).await?,
             };
-            match send.try_send_request(req).await {
-                Ok(resp) => break (send, resp),
+            conn.served += 1;
+            match conn.send.try_send_request(req).await {
+                Ok(resp) => break (conn, resp),
                 Err(mut e) => match e.take_message() {
                     // Never written: a stale pooled connection. Try again, on a fresh one at the latest.
                     Some(back) if reused => {
@@ -169,7 +365,9 @@ impl HttpPool {
         let ret = (!upgrade).then(|| Return {
             pool: self.h1.clone(),
             key,
-            send,
+            conn,
+            idle_timeout: params.idle_timeout,
+            max_requests: params.max_requests_per_connection,
         });
         Ok(Response::from_parts(parts, ReturnOnEnd { inner: body, ret }.boxed()))
     }
@@ -177,38 +375,49 @@ impl HttpPool {
     async fn send_h2(
         &self,
         upstream: &Upstream,
+        params: &PoolParams<'_>,
         ep: &Endpoint,
         req: Request<Body>,
     ) -> Result<Response<Body>, ProxyError> {
-        let key = Key::of(ep);
-        let mut send = self.h2_sender(upstream, ep, &key).await?;
+        let key = Key::of(ep, params.pool_id);
+        let mut send = self.h2_sender(upstream, params, ep, &key).await?;
         send.ready().await.map_err(reset)?;
         let resp = send.send_request(req).await.map_err(reset)?;
         Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
     }
 
+    /// Takes a stream slot on the entry's connection; after the last one `maxRequestsPerConnection` allows, the
+    /// next request opens a new connection.
+    fn h2_take(entry: &mut H2Entry, max: Option<u32>) -> Option<http2::SendRequest<Body>> {
+        let send = entry.send.as_ref().filter(|s| !s.is_closed())?.clone();
+        entry.streams += 1;
+        if max.is_some_and(|m| entry.streams >= m) {
+            entry.send = None;
+        }
+        Some(send)
+    }
+
     async fn h2_sender(
         &self,
         upstream: &Upstream,
+        params: &PoolParams<'_>,
         ep: &Endpoint,
         key: &Key,
     ) -> Result<http2::SendRequest<Body>, ProxyError> {
+        let max = params.max_requests_per_connection;
         let opening = {
             let mut map = lock(&self.h2);
             let entry = map.entry(key.clone()).or_default();
-            if let Some(s) = entry.send.as_ref().filter(|s| !s.is_closed()) {
-                return Ok(s.clone());
+            if let Some(s) = Self::h2_take(entry, max) {
+                return Ok(s);
             }
             entry.opening.clone()
         };
         let _single = opening.lock().await;
-        if let Some(s) = lock(&self.h2)
-            .get(key)
-            .and_then(|e| e.send.as_ref().filter(|s| !s.is_closed()).cloned())
-        {
+        if let Some(s) = lock(&self.h2).get_mut(key).and_then(|e| Self::h2_take(e, max)) {
             return Ok(s);
         }
-        let io = upstream.connect(ep).await?;
+        let io = upstream.connect_with(ep, params.connect_timeout).await?;
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(crate::hbone::STREAM_WINDOW)
             .initial_connection_window_size(crate::hbone::CONNECTION_WINDOW)
@@ -221,7 +430,11 @@ impl HttpPool {
                 tracing::debug!(endpoint = %addr, error = %e, "upstream HTTP/2 connection ended");
             }
         });
-        lock(&self.h2).entry(key.clone()).or_default().send = Some(send.clone());
+        let mut map = lock(&self.h2);
+        let entry = map.entry(key.clone()).or_default();
+        entry.send = Some(send.clone());
+        entry.streams = 0;
+        Self::h2_take(entry, max);
         Ok(send)
     }
 
@@ -232,20 +445,37 @@ impl HttpPool {
 }
 
 struct Return {
-    pool: Arc<Mutex<HashMap<Key, Vec<Idle>>>>,
+    pool: IdleMap,
     key: Key,
-    send: http1::SendRequest<Body>,
+    conn: H1Conn,
+    idle_timeout: Duration,
+    max_requests: Option<u32>,
 }
 
 impl Return {
     fn put_back(self) {
-        let mut pool = lock(&self.pool);
-        let list = pool.entry(self.key).or_default();
-        if list.len() < H1_MAX_IDLE_PER_ENDPOINT {
-            list.push(Idle {
-                send: self.send,
-                since: Instant::now(),
-            });
+        if self.max_requests.is_some_and(|m| self.conn.served >= m) {
+            // Dropped: hyper closes the connection, its permit returns and wakes pending requests.
+            return;
+        }
+        // Only a limited backend can have pending requests; the others skip the reference count traffic.
+        let gate = self.conn.gate.as_ref().filter(|g| g.limited()).cloned();
+        {
+            let mut pool = lock(&self.pool);
+            let list = pool.entry(self.key).or_default();
+            if list.len() < H1_MAX_IDLE_PER_ENDPOINT {
+                list.push(Idle {
+                    conn: self.conn,
+                    expires: Instant::now() + self.idle_timeout,
+                });
+            }
+        }
+        // Checked after the connection is in the pool: a request that became pending before this point is
+        // either seen here or finds the connection itself (it looks after registering for the wake-up).
+        if let Some(gate) = gate
+            && gate.has_pending()
+        {
+            gate.freed.notify_waiters();
         }
     }
 }
