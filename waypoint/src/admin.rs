@@ -85,6 +85,8 @@ fn config_dump(ctx: &Ctx) -> Response<Full<Bytes>> {
         "upstream": {
             "hboneConnections": ctx.upstream.hbone.connection_count(),
             "idleHttp1Connections": ctx.upstream.http.idle_h1(),
+            // Per backend key: circuit breaker limits and in-use counts, each endpoint's health.
+            "backends": ctx.upstream.registry.dump(),
         },
     });
     match serde_json::to_vec_pretty(&dump) {

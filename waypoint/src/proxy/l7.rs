@@ -1,9 +1,10 @@
 //! The per-request L7 pipeline for addresses that have routes or security policy, composed once at start-up.
 //! Read top to bottom, this is what happens to such a request: verify its JWT, authorize it, pick the rule,
-//! pick the backend, answer CORS preflights and
-//! redirects, rewrite headers and path, mirror, then send with the request timeout around retries around the
-//! per-try timeout. Every layer reads its config from the request extensions (the matched rule), so one stack
-//! serves every snapshot; the innermost service is [`UpstreamService`].
+//! pick the backend (and attach its long-lived state: breaker, outlier slot), inject faults, answer CORS
+//! preflights and redirects, rewrite headers and path, mirror, then send with the request timeout around
+//! retries around the per-try timeout around the circuit breaker. Every layer reads its config from the
+//! request extensions (the matched rule), so one stack serves every snapshot; the innermost service is
+//! [`UpstreamService`], which picks the endpoint with the backend's load balancer.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,13 +19,17 @@ use tower::{Service, ServiceBuilder};
 use waypoint_filters::authz::DecisionCounters;
 use waypoint_filters::context::{ChosenBackend, FailureKind, MirrorSink, ResponseFlag, UpstreamFailure};
 use waypoint_filters::route::BackendId;
-use waypoint_filters::{authz, backend, cors, headers, jwt, mirror, redirect, retry, rewrite, route, timeout};
+use waypoint_filters::{
+    authz, backend, breaker, cors, fault, headers, jwt, mirror, redirect, retry, rewrite, route, timeout,
+};
 
 use super::error::ProxyError;
 use super::http::local_reply;
 use crate::config::{Backend, Snapshot};
 use crate::upstream::Upstream;
+use crate::upstream::cluster::InFlight;
 use crate::upstream::http_pool::Body;
+use crate::upstream::outlier::Outcome;
 
 pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
@@ -36,6 +41,10 @@ pub fn stack(upstream: Arc<Upstream>, authz_counters: Arc<DecisionCounters>) -> 
         .layer(authz::AuthzLayer::with_observer(authz_counters))
         .layer(route::RouteLayer::new())
         .layer(backend::BackendLayer::new())
+        .layer(BackendStateLayer {
+            upstream: upstream.clone(),
+        })
+        .layer(fault::FaultLayer::new())
         .layer(cors::CorsLayer::new())
         .layer(redirect::RedirectLayer::new())
         .layer(headers::RequestHeadersLayer::new())
@@ -45,8 +54,90 @@ pub fn stack(upstream: Arc<Upstream>, authz_counters: Arc<DecisionCounters>) -> 
         .layer(timeout::TimeoutLayer::request())
         .layer(retry::RetryLayer::new())
         .layer(timeout::TimeoutLayer::per_try())
+        .layer(breaker::BreakerLayer::new())
         .service(UpstreamService { upstream });
     BoxCloneSyncService::new(svc)
+}
+
+/// Right after the backend is chosen: hands the later layers the chosen backend's long-lived state. The
+/// breaker layer and the retry layer find the backend's `Arc<CircuitBreaker>` in the extensions (only when its
+/// policy limits requests or retries: absent means unlimited, and the default path stays allocation-free).
+/// With outlier detection, an [`InFlight`] slot lets a timeout, which drops the attempt before it can report,
+/// still count against the endpoint: the next attempt reports it, or this layer when the request timed out.
+#[derive(Clone)]
+pub struct BackendStateLayer {
+    pub upstream: Arc<Upstream>,
+}
+
+impl<S> tower::Layer<S> for BackendStateLayer {
+    type Service = BackendStateService<S>;
+
+    fn layer(&self, inner: S) -> BackendStateService<S> {
+        BackendStateService {
+            inner,
+            upstream: self.upstream.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct BackendStateService<S> {
+    inner: S,
+    upstream: Arc<Upstream>,
+}
+
+impl<S> Service<Request<Body>> for BackendStateService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let mut in_flight = None;
+        if let Ok(backend) = backend_of(&req) {
+            let rt = self.upstream.runtime(&backend);
+            let pool = &rt.policy.pool;
+            if pool.max_requests.is_some() || pool.max_retries.is_some() {
+                req.extensions_mut().insert(rt.state.breaker().clone());
+            }
+            if rt.policy.outlier.is_some() {
+                let slot = InFlight::default();
+                req.extensions_mut().insert(slot.clone());
+                in_flight = Some(slot);
+            }
+        }
+        let fut = call_boxed(&mut self.inner, req);
+        let Some(slot) = in_flight else {
+            return fut;
+        };
+        Box::pin(async move {
+            let resp = fut.await?;
+            if resp.extensions().get::<ResponseFlag>() == Some(&ResponseFlag("UT"))
+                && let Some((rt, index)) = slot.take()
+            {
+                rt.report(index, Outcome::LocalFailure);
+            }
+            Ok(resp)
+        })
+    }
+}
+
+/// Calls the service `poll_ready` readied (leaving a clone for the next call) and boxes its future, in a plain
+/// function: inside an `async` block rustc cannot prove the inner future `Send` (higher-ranked lifetimes).
+fn call_boxed<S>(svc: &mut S, req: Request<Body>) -> waypoint_filters::ResponseFuture
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone,
+    S::Future: Send + 'static,
+{
+    let clone = svc.clone();
+    Box::pin(std::mem::replace(svc, clone).call(req))
 }
 
 /// Sends a request to an endpoint of the backend the pipeline chose (or of the binding's own backend).
@@ -88,11 +179,16 @@ pub async fn send(upstream: &Upstream, req: Request<Body>) -> Result<Response<Bo
 /// A local reply for an upstream failure, marked so the retry layer and the access log can tell it apart
 /// from a status the backend sent.
 pub fn error_reply(e: &ProxyError) -> Response<Body> {
+    if let ProxyError::Overflow(o) = e {
+        // The same reply as the breaker layer's, so every overflow looks alike and none is retried.
+        return breaker::overflow_reply(*o);
+    }
     let mut resp = local_reply(e);
     resp.extensions_mut().insert(ResponseFlag(e.flag()));
     let kind = match e {
         ProxyError::UpstreamConnect(_) | ProxyError::IdentityMismatch(_) => Some(FailureKind::Connect),
         ProxyError::UpstreamReset(_) => Some(FailureKind::Reset),
+        ProxyError::UpstreamRefusedStream(_) => Some(FailureKind::RefusedStream),
         ProxyError::UpstreamTimeout => Some(FailureKind::Timeout),
         _ => None,
     };

@@ -8,9 +8,57 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Ctx;
+use super::error::ProxyError;
 use super::http::TunnelInfo;
 use crate::config::ServiceBinding;
 use crate::upstream::UpstreamIo;
+use crate::upstream::cluster::{ActiveGuard, PickInput};
+use crate::upstream::http_pool::ConnPermit;
+use crate::upstream::outlier::Outcome;
+
+/// An upstream connection for a TCP tunnel, with the backend resources it holds while open.
+pub struct TcpUpstream {
+    pub io: UpstreamIo,
+    /// One of the backend's `maxConnections`.
+    _permit: ConnPermit,
+    /// Counted as an active request for least-request balancing while the tunnel lasts.
+    _active: Option<ActiveGuard>,
+}
+
+/// Picks an endpoint of the binding's backend with its load balancer, takes a connection permit (overflow:
+/// `UO`) and connects within the backend's connect timeout; the connect outcome feeds outlier detection.
+pub async fn connect_upstream(
+    ctx: &Ctx,
+    binding: &ServiceBinding,
+    tunnel: &TunnelInfo,
+) -> Result<TcpUpstream, ProxyError> {
+    let backend = &binding.backend;
+    let rt = ctx.upstream.runtime(backend);
+    let hash = rt.connection_hash(tunnel.conn.source_ip);
+    let index = rt
+        .pick(&PickInput { hash, attempt: None })
+        .ok_or_else(|| ProxyError::NoHealthyUpstream(format!("{}/{}", binding.namespace, binding.name)))?;
+    let ep = backend
+        .endpoints
+        .get(index)
+        .ok_or_else(|| ProxyError::NoHealthyUpstream(rt.name().to_string()))?;
+    let permit = rt.state.gate.try_connection()?;
+    let active = rt.begin(index);
+    match ctx.upstream.connect_with(ep, rt.policy.pool.connect_timeout).await {
+        Ok(io) => {
+            rt.report(index, Outcome::Connected);
+            Ok(TcpUpstream {
+                io,
+                _permit: permit,
+                _active: active,
+            })
+        }
+        Err(e) => {
+            rt.report(index, Outcome::LocalFailure);
+            Err(e)
+        }
+    }
+}
 
 pub fn authorized(binding: &ServiceBinding, tunnel: &TunnelInfo) -> bool {
     match &binding.security.authz {
@@ -19,12 +67,12 @@ pub fn authorized(binding: &ServiceBinding, tunnel: &TunnelInfo) -> bool {
     }
 }
 
-pub async fn splice<IO>(ctx: &Ctx, tunnel: &TunnelInfo, mut downstream: IO, mut upstream: UpstreamIo)
+pub async fn splice<IO>(ctx: &Ctx, tunnel: &TunnelInfo, mut downstream: IO, mut upstream: TcpUpstream)
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let mut changes = ctx.config.subscribe();
-    let copy = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
+    let copy = tokio::io::copy_bidirectional(&mut downstream, &mut upstream.io);
     tokio::pin!(copy);
     loop {
         tokio::select! {

@@ -16,7 +16,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 
 use super::Ctx;
-use super::error::ProxyError;
 use super::http::{Downstream, TunnelInfo};
 use super::sniff::{self, Detected};
 use crate::config::PortProtocol;
@@ -51,7 +50,12 @@ pub async fn handle(
             return;
         }
     };
-    let binding = match ctx.config.guard().resolve(&vip) {
+    let resolved = {
+        let snapshot = ctx.config.guard();
+        ctx.upstream.prepare(&snapshot);
+        snapshot.resolve(&vip)
+    };
+    let binding = match resolved {
         Some(b) => b,
         None => {
             refuse(
@@ -75,13 +79,8 @@ pub async fn handle(
             );
             return;
         }
-        let Some(ep) = binding.backend.pick().cloned() else {
-            let e = ProxyError::NoHealthyUpstream(format!("{}/{}", binding.namespace, binding.name));
-            refuse(&mut respond, e.status(), &peer, &e.to_string());
-            return;
-        };
-        match ctx.upstream.connect(&ep).await {
-            Ok(io) => Some(io),
+        match super::tcp::connect_upstream(&ctx, &binding, &tunnel).await {
+            Ok(up) => Some(up),
             Err(e) => {
                 refuse(&mut respond, e.status(), &peer, &format!("{} ({})", e, e.flag()));
                 return;
@@ -134,11 +133,7 @@ async fn run_detected(ctx: Arc<Ctx>, tunnel: Arc<TunnelInfo>, io: H2Stream, decl
                 tracing::info!(vip = %tunnel.vip, peer = %tunnel.peer.identity, flags = "RBAC", "opaque tunnel denied by policy; closed");
                 return;
             }
-            let Some(ep) = binding.backend.pick().cloned() else {
-                tracing::info!(vip = %tunnel.vip, flags = "UH", "no endpoint for opaque tunnel; closed");
-                return;
-            };
-            match ctx.upstream.connect(&ep).await {
+            match super::tcp::connect_upstream(&ctx, &binding, &tunnel).await {
                 Ok(up) => super::tcp::splice(&ctx, &tunnel, io, up).await,
                 Err(e) => {
                     tracing::info!(vip = %tunnel.vip, flags = e.flag(), reason = %e, "opaque tunnel upstream failed; closed")

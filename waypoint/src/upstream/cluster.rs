@@ -407,13 +407,7 @@ impl BackendRuntime {
                 query_param(parts.uri.query(), name).map(|v| xxh64(v.as_bytes(), 0)),
                 None,
             ),
-            HashKey::SourceIp => (
-                client.map(|ip| match ip {
-                    IpAddr::V4(v4) => xxh64(&v4.octets(), 0),
-                    IpAddr::V6(v6) => xxh64(&v6.octets(), 0),
-                }),
-                None,
-            ),
+            HashKey::SourceIp => (client.map(source_hash), None),
             HashKey::Cookie { name, path, ttl } => {
                 if let Some(v) = cookie(&parts.headers, name) {
                     return (Some(xxh64(v.as_bytes(), 0)), None);
@@ -434,6 +428,17 @@ impl BackendRuntime {
                 set.push_str("; HttpOnly");
                 (Some(xxh64(value.as_bytes(), 0)), HeaderValue::try_from(set).ok())
             }
+        }
+    }
+
+    /// The hash for a TCP tunnel: only `useSourceIp` applies to opaque traffic (the others pick at random, as
+    /// Envoy's TCP proxy does without a usable key).
+    pub fn connection_hash(&self, client: Option<IpAddr>) -> Option<u64> {
+        match &self.policy.lb {
+            LbPolicy::Hash {
+                key: HashKey::SourceIp, ..
+            } => client.map(source_hash),
+            _ => None,
         }
     }
 
@@ -673,6 +678,13 @@ impl BackendRuntime {
         {
             tracing::info!(backend = %self.name, endpoint = %ep.addr, ?outcome, "outlier detection ejected the endpoint");
         }
+    }
+}
+
+fn source_hash(ip: IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(v4) => xxh64(&v4.octets(), 0),
+        IpAddr::V6(v6) => xxh64(&v6.octets(), 0),
     }
 }
 

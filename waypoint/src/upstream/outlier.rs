@@ -1,9 +1,11 @@
 //! Outlier detection (DestinationRule `outlierDetection`), Envoy's consecutive-error detector:
 //!
 //! - Every attempt's outcome is recorded on its endpoint. A 5xx, or a local failure (connect failure, reset,
-//!   timeout: Istio does not split local-origin errors, so they count as 5xx), adds to the consecutive-5xx
-//!   count; 502/503/504 and local failures add to the consecutive-gateway count (another 5xx resets it). Any
-//!   other status resets both.
+//!   timeout: by default Istio does not split local-origin errors, so they count as 5xx), adds to the
+//!   consecutive-5xx count; 502/503/504 and local failures add to the consecutive-gateway count (another 5xx
+//!   resets it). Any other status resets both.
+//! - With `splitExternalLocalOriginErrors`, local failures count only toward `consecutiveLocalOriginFailures`
+//!   (reset by any response or established connection), and the 5xx counts see only real responses.
 //! - Reaching `consecutive5xxErrors` or `consecutiveGatewayErrors` ejects the endpoint at once, unless
 //!   `maxEjectionPercent` of the endpoints are already ejected (`ejected·100 < max·N` must hold before the
 //!   ejection, so with a non-zero maximum one endpoint can always be ejected, as in Envoy).
@@ -57,6 +59,14 @@ impl Outcome {
     }
 }
 
+/// Zeroes a counter, loading first: a healthy endpoint's counters are already zero, and a store would bounce
+/// the cache line between the cores serving it.
+fn reset(counter: &AtomicU32) {
+    if counter.load(Ordering::Relaxed) != 0 {
+        counter.store(0, Ordering::Relaxed);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -77,6 +87,8 @@ pub struct EndpointOutlier {
     until: AtomicU64,
     consecutive_5xx: AtomicU32,
     consecutive_gateway: AtomicU32,
+    /// Split mode only.
+    consecutive_local: AtomicU32,
     cold: Mutex<Cold>,
 }
 
@@ -101,15 +113,18 @@ impl EndpointOutlier {
 
     /// Records an outcome; true when it reached an ejection threshold.
     pub fn record(&self, outcome: Outcome, policy: &OutlierPolicy) -> bool {
+        if let Some(threshold) = policy.consecutive_local_origin {
+            // Envoy's split mode: local-origin failures have their own count, and a response or a connection
+            // is a local-origin success.
+            if outcome == Outcome::LocalFailure {
+                let n = self.consecutive_local.fetch_add(1, Ordering::Relaxed) + 1;
+                return threshold > 0 && n >= threshold;
+            }
+            reset(&self.consecutive_local);
+        }
         if !outcome.is_5xx() {
-            // Loads first: a healthy endpoint's counters are already zero, and a store would bounce the cache
-            // line between the cores serving it.
-            if self.consecutive_5xx.load(Ordering::Relaxed) != 0 {
-                self.consecutive_5xx.store(0, Ordering::Relaxed);
-            }
-            if self.consecutive_gateway.load(Ordering::Relaxed) != 0 {
-                self.consecutive_gateway.store(0, Ordering::Relaxed);
-            }
+            reset(&self.consecutive_5xx);
+            reset(&self.consecutive_gateway);
             return false;
         }
         let gateway = if outcome.is_gateway_error() {
@@ -272,6 +287,7 @@ impl Detector {
         ep.until.store(until, Ordering::Release);
         ep.consecutive_5xx.store(0, Ordering::Relaxed);
         ep.consecutive_gateway.store(0, Ordering::Relaxed);
+        ep.consecutive_local.store(0, Ordering::Relaxed);
         self.ejected.fetch_add(1, Ordering::AcqRel);
         self.version.fetch_add(1, Ordering::AcqRel);
         self.next_check.fetch_min(until, Ordering::AcqRel);
@@ -294,7 +310,7 @@ mod tests {
             interval: Duration::from_secs(10),
             base_ejection: Duration::from_secs(30),
             max_ejection_percent: 50,
-            min_health_percent: 0,
+            ..OutlierPolicy::default()
         }
     }
 
@@ -342,6 +358,27 @@ mod tests {
         assert!(!ep.record(Outcome::LocalFailure, &p));
         assert!(!ep.record(Outcome::LocalFailure, &p));
         assert!(ep.record(Outcome::LocalFailure, &p));
+    }
+
+    #[test]
+    fn split_mode_counts_local_failures_apart() {
+        let p = OutlierPolicy {
+            consecutive_local_origin: Some(2),
+            ..policy()
+        };
+        let ep = EndpointOutlier::default();
+        assert!(!ep.record(Outcome::Status(500), &p));
+        assert!(!ep.record(Outcome::LocalFailure, &p));
+        assert!(
+            !ep.record(Outcome::Status(500), &p),
+            "a response resets the local count, not the 5xx count"
+        );
+        assert!(!ep.record(Outcome::LocalFailure, &p));
+        assert!(ep.record(Outcome::LocalFailure, &p), "two local failures in a row");
+        assert!(
+            ep.record(Outcome::Status(503), &p),
+            "the third 5xx response (local failures did not count)"
+        );
     }
 
     #[tokio::test(start_paused = true)]
