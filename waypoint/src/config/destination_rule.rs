@@ -1392,70 +1392,748 @@ fn is_dns1123_label(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
     use super::*;
+    use crate::config::policy::Locality;
+    use crate::config::{Backend, ConfigErrors, Snapshot, parse_config};
 
-    fn dr(yaml: &str) -> DestinationRule {
-        serde_saphyr::from_str(yaml).unwrap()
-    }
+    const HEADER: &str = "apiVersion: waypoint.istio.io/v1alpha1
+kind: WaypointConfig
+metadata: {name: wp, namespace: infra}
+spec:
+  listeners: {hbone: 127.0.0.1:15008}
+  tls: {certFile: c.pem, keyFile: k.pem, rootsFile: r.pem}
+";
 
-    fn compile(yaml: &str) -> Result<Translated, Vec<FieldError>> {
-        translate(&dr(yaml), "cluster.local", "infra", 0)
-    }
-
-    #[test]
-    fn prime_check_matches_envoy() {
-        let primes: Vec<u64> = (0..30).filter(|n| is_prime(*n)).collect();
-        assert_eq!(primes, vec![2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
-        assert!(is_prime(65537));
-        assert!(!is_prime(65536));
-    }
-
-    #[test]
-    fn host_patterns() {
-        let p = |h: &str| host_pattern(h, "ns1", "cluster.local");
-        assert_eq!(
-            p("reviews").unwrap(),
-            HostPattern::Exact("reviews.ns1.svc.cluster.local".into())
-        );
-        assert_eq!(
-            p("Reviews.ns2.svc.cluster.local.").unwrap(),
-            HostPattern::Exact("reviews.ns2.svc.cluster.local".into())
-        );
-        assert_eq!(
-            p("*.ns2.svc.cluster.local").unwrap(),
-            HostPattern::Suffix(".ns2.svc.cluster.local".into())
-        );
-        assert_eq!(p("*").unwrap(), HostPattern::Any);
-        assert!(p("").is_err());
-        assert!(p("re*views").is_err());
-        assert!(p("a.*.b").is_err());
-        assert!(HostPattern::Suffix(".ns2.svc.cluster.local".into()).matches("x.ns2.svc.cluster.local"));
-        assert!(!HostPattern::Suffix(".ns2.svc.cluster.local".into()).matches("ns2.svc.cluster.local"));
-    }
-
-    #[test]
-    fn locality_syntax() {
-        assert!(check_locality("us-west/zone1/*").is_ok());
-        assert!(check_locality("*").is_ok());
-        assert!(check_locality("us-west").is_ok());
-        assert!(check_locality("us-*/zone1").is_err());
-        assert!(check_locality("us-west//a").is_err());
-        assert!(check_locality("a/b/c/d").is_err());
-    }
-
-    #[test]
-    fn workload_selector_and_export_to_skip_valid_rules() {
-        let t = compile(
-            "metadata: {name: a, namespace: ns1}
-spec: {host: reviews, workloadSelector: {matchLabels: {app: x}}}",
+    /// Service `ns1/reviews` (10.0.0.1, ports 80 and 9080) with pods v1 and v2, plus whatever follows.
+    fn config(rest: &str) -> String {
+        format!(
+            "{HEADER}---
+apiVersion: v1
+kind: Service
+metadata: {{name: reviews, namespace: ns1}}
+spec:
+  clusterIP: 10.0.0.1
+  selector: {{app: reviews}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}, {{name: http-admin, port: 9080}}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: reviews-v1
+  namespace: ns1
+  labels: {{app: reviews, version: v1, topology.kubernetes.io/region: us-east, topology.kubernetes.io/zone: us-east-1a}}
+status: {{podIP: 127.1.0.1}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: reviews-v2, namespace: ns1, labels: {{app: reviews, version: v2}}}}
+status: {{podIP: 127.1.0.2}}
+{rest}"
         )
+    }
+
+    fn parse(text: &str) -> Result<Snapshot, ConfigErrors> {
+        parse_config("test.yaml", Path::new("/etc/wp"), text, 1)
+    }
+
+    fn backend(snap: &Snapshot, port: u16, subset: Option<&str>) -> Arc<Backend> {
+        snap.backends
+            .iter()
+            .find(|b| &*b.service == "reviews" && b.port == port && b.subset.as_deref() == subset)
+            .cloned()
+            .unwrap_or_else(|| panic!("no backend for port {port} subset {subset:?}"))
+    }
+
+    fn policy(snap: &Snapshot, port: u16, subset: Option<&str>) -> TrafficPolicy {
+        TrafficPolicy::clone(&backend(snap, port, subset).policy)
+    }
+
+    fn dr(name: &str, ns: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}\n"
+        )
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        parse(text).unwrap_err().0.iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn every_load_balancer_field() {
+        let text = config(&dr(
+            "lb",
+            "ns1",
+            "  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpCookie: {name: session, path: /, ttl: 0s}
+        ringHash: {minimumRingSize: 4096}
+      localityLbSetting:
+        distribute:
+        - from: us-east/*
+          to: {us-east/*: 80, us-west/*: 20}
+    outlierDetection: {}
+    portLevelSettings:
+    - port: {number: 9080}
+      loadBalancer:
+        consistentHash: {httpHeaderName: x-user, maglev: {tableSize: 251}}
+        localityLbSetting:
+          failover: [{from: us-east, to: us-west}]
+          failoverPriority: [topology.istio.io/network, version=v1]
+      outlierDetection: {consecutive5xxErrors: 3}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer: {simple: RANDOM}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer:
+        consistentHash: {httpQueryParameterName: user, minimumRingSize: 2048}
+  - name: ip
+    labels: {app: reviews}
+    trafficPolicy:
+      loadBalancer:
+        simple: LEAST_CONN
+        warmupDurationSecs: 60s
+  - name: src
+    labels: {app: reviews}
+    trafficPolicy:
+      loadBalancer:
+        consistentHash: {useSourceIp: true}
+        localityLbSetting: {enabled: false}
+  - name: rr
+    labels: {app: reviews}
+    trafficPolicy:
+      loadBalancer:
+        simple: ROUND_ROBIN
+        warmup: {duration: 30s}",
+        ));
+        let snap = parse(&text).unwrap();
+        let top = policy(&snap, 80, None);
+        assert_eq!(
+            top.lb,
+            LbPolicy::Hash {
+                key: HashKey::Cookie {
+                    name: "session".into(),
+                    path: Some("/".into()),
+                    ttl: Some(Duration::ZERO),
+                },
+                algo: HashAlgo::Ring { min_size: 4096 },
+            }
+        );
+        assert_eq!(
+            top.locality,
+            Some(LocalityLb {
+                distribute: vec![(
+                    "us-east/*".into(),
+                    vec![("us-east/*".into(), 80), ("us-west/*".into(), 20)]
+                )],
+                ..Default::default()
+            })
+        );
+        assert_eq!(top.outlier, Some(OutlierPolicy::default()));
+        let admin = policy(&snap, 9080, None);
+        assert_eq!(
+            admin.lb,
+            LbPolicy::Hash {
+                key: HashKey::Header(HeaderName::from_static("x-user")),
+                algo: HashAlgo::Maglev { table_size: 251 },
+            }
+        );
+        let loc = admin.locality.unwrap();
+        assert_eq!(loc.failover, vec![("us-east".to_string(), "us-west".to_string())]);
+        assert_eq!(loc.failover_priority, vec!["topology.istio.io/network", "version=v1"]);
+        assert_eq!(admin.outlier.unwrap().consecutive_5xx, Some(3));
+        assert_eq!(policy(&snap, 80, Some("v1")).lb, LbPolicy::Random);
+        assert_eq!(
+            policy(&snap, 80, Some("v2")).lb,
+            LbPolicy::Hash {
+                key: HashKey::Query("user".into()),
+                algo: HashAlgo::Ring { min_size: 2048 },
+            }
+        );
+        let ip = policy(&snap, 80, Some("ip"));
+        assert_eq!(ip.lb, LbPolicy::LeastRequest, "LEAST_CONN is LEAST_REQUEST");
+        assert_eq!(ip.warmup, Some(Duration::from_secs(60)));
+        let src = policy(&snap, 80, Some("src"));
+        assert_eq!(
+            src.lb,
+            LbPolicy::Hash {
+                key: HashKey::SourceIp,
+                algo: HashAlgo::Ring {
+                    min_size: DEFAULT_RING_SIZE
+                },
+            }
+        );
+        assert_eq!(src.locality, None, "enabled: false");
+        assert_eq!(policy(&snap, 80, Some("rr")).warmup, Some(Duration::from_secs(30)));
+        assert!(
+            snap.warnings.iter().any(|w| w.contains(
+                "field spec.subsets[1].trafficPolicy.loadBalancer.consistentHash.minimumRingSize: deprecated"
+            )),
+            "{:?}",
+            snap.warnings
+        );
+    }
+
+    #[test]
+    fn connection_pool_and_outlier_detection_fields() {
+        let text = config(&dr(
+            "pool",
+            "ns1",
+            "  host: reviews.ns1.svc.cluster.local
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 100, connectTimeout: 250ms}
+      http:
+        http1MaxPendingRequests: 10
+        http2MaxRequests: 1000
+        maxRequestsPerConnection: 5
+        maxRetries: 3
+        idleTimeout: 30s
+    outlierDetection:
+      consecutive5xxErrors: 0
+      consecutiveGatewayErrors: 4
+      splitExternalLocalOriginErrors: true
+      consecutiveLocalOriginFailures: 2
+      interval: 5s
+      baseEjectionTime: 1m
+      maxEjectionPercent: 50
+      minHealthPercent: 20
+    portLevelSettings:
+    - port: {number: 9080}
+      connectionPool:
+        tcp: {maxConnections: 0}
+        http: {http2MaxRequests: 0}
+      outlierDetection: {consecutiveErrors: 7, maxEjectionPercent: 0}",
+        ));
+        let snap = parse(&text).unwrap();
+        let top = policy(&snap, 80, None);
+        assert_eq!(
+            top.pool,
+            ConnectionPool {
+                max_connections: Some(100),
+                connect_timeout: Some(Duration::from_millis(250)),
+                max_pending: Some(10),
+                max_requests: Some(1000),
+                max_requests_per_connection: Some(5),
+                max_retries: Some(3),
+                idle_timeout: Some(Duration::from_secs(30)),
+            }
+        );
+        assert_eq!(
+            top.outlier,
+            Some(OutlierPolicy {
+                consecutive_5xx: None,
+                consecutive_gateway: Some(4),
+                interval: Duration::from_secs(5),
+                base_ejection: Duration::from_secs(60),
+                max_ejection_percent: 50,
+                min_health_percent: 20,
+                consecutive_local_origin: Some(2),
+            })
+        );
+        assert!(top.needs_pipeline());
+        let port = policy(&snap, 9080, None);
+        assert_eq!(port.pool, ConnectionPool::default(), "zero limits are Istio's 'unset'");
+        assert!(!port.needs_pipeline());
+        assert_eq!(
+            port.outlier,
+            Some(OutlierPolicy {
+                consecutive_5xx: None,
+                consecutive_gateway: Some(7),
+                ..OutlierPolicy::default()
+            }),
+            "deprecated consecutiveErrors counts gateway errors and turns the 5xx detector off; maxEjectionPercent 0 keeps 10"
+        );
+        // A backend without any rule keeps the built-in defaults.
+        let text = config("");
+        assert_eq!(policy(&parse(&text).unwrap(), 80, None), TrafficPolicy::default());
+    }
+
+    #[test]
+    fn port_level_settings_replace_the_whole_policy_and_subsets_replace_sections() {
+        let text = config(&dr(
+            "merge",
+            "ns1",
+            "  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    connectionPool: {http: {http2MaxRequests: 10}}
+    outlierDetection: {consecutive5xxErrors: 2}
+    portLevelSettings:
+    - port: {number: 9080}
+      connectionPool: {http: {maxRetries: 1}}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer: {simple: LEAST_REQUEST}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      connectionPool: {tcp: {maxConnections: 7}}
+      portLevelSettings:
+      - port: {number: 80}
+        outlierDetection: {consecutiveGatewayErrors: 9}",
+        ));
+        let snap = parse(&text).unwrap();
+        let top = policy(&snap, 80, None);
+        assert_eq!(top.lb, LbPolicy::Random);
+        assert_eq!(top.pool.max_requests, Some(10));
+        assert_eq!(top.outlier.as_ref().unwrap().consecutive_5xx, Some(2));
+        // Port 9080's entry is the whole policy: nothing is inherited from the top level.
+        let admin = policy(&snap, 9080, None);
+        assert_eq!(admin.lb, LbPolicy::RoundRobin);
+        assert_eq!(admin.pool.max_requests, None);
+        assert_eq!(admin.pool.max_retries, Some(1));
+        assert_eq!(admin.outlier, None);
+        // Subset v1 replaces only the load balancer, on both ports.
+        let v1 = policy(&snap, 80, Some("v1"));
+        assert_eq!(v1.lb, LbPolicy::LeastRequest);
+        assert_eq!(v1.pool.max_requests, Some(10));
+        assert_eq!(v1.outlier, top.outlier);
+        let v1_admin = policy(&snap, 9080, Some("v1"));
+        assert_eq!(v1_admin.lb, LbPolicy::LeastRequest);
+        assert_eq!(v1_admin.pool.max_retries, Some(1));
+        // Subset v2 has an entry for port 80: every section comes from it (defaults where it is silent).
+        let v2 = policy(&snap, 80, Some("v2"));
+        assert_eq!(v2.lb, LbPolicy::RoundRobin);
+        assert_eq!(v2.pool, ConnectionPool::default());
+        assert_eq!(v2.outlier.unwrap().consecutive_gateway, Some(9));
+        // On port 9080 subset v2 has no port entry: its top-level connectionPool replaces that section only.
+        let v2_admin = policy(&snap, 9080, Some("v2"));
+        assert_eq!(v2_admin.pool.max_connections, Some(7));
+        assert_eq!(v2_admin.pool.max_retries, None);
+    }
+
+    #[test]
+    fn lookup_order_service_namespace_then_waypoint_then_root() {
+        let svc_ns = dr(
+            "in-svc-ns",
+            "ns1",
+            "  host: reviews\n  trafficPolicy: {loadBalancer: {simple: RANDOM}}",
+        );
+        let wp_ns = dr(
+            "in-wp-ns",
+            "infra",
+            "  host: reviews.ns1.svc.cluster.local\n  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}",
+        );
+        let root = dr(
+            "in-root",
+            "istio-system",
+            "  host: '*.ns1.svc.cluster.local'\n  trafficPolicy: {connectionPool: {http: {maxRetries: 4}}}",
+        );
+        let lb = |text: String| policy(&parse(&text).unwrap(), 80, None);
+        assert_eq!(lb(config(&format!("{root}{wp_ns}{svc_ns}"))).lb, LbPolicy::Random);
+        assert_eq!(lb(config(&format!("{root}{wp_ns}"))).lb, LbPolicy::LeastRequest);
+        assert_eq!(lb(config(&root)).pool.max_retries, Some(4));
+        // A short host in another namespace means a Service of that namespace, not ns1's.
+        let elsewhere = dr(
+            "short",
+            "infra",
+            "  host: reviews\n  trafficPolicy: {loadBalancer: {simple: RANDOM}}",
+        );
+        let snap = parse(&config(&elsewhere)).unwrap();
+        assert_eq!(policy(&snap, 80, None), TrafficPolicy::default());
+        assert!(
+            snap.warnings
+                .iter()
+                .any(|w| w
+                    .contains("DestinationRule infra/short): field spec.host: host \"reviews\" selects no Service")),
+            "{:?}",
+            snap.warnings
+        );
+    }
+
+    #[test]
+    fn exact_host_beats_wildcard_and_oldest_wins() {
+        let wildcard = dr(
+            "wild",
+            "ns1",
+            "  host: '*.ns1.svc.cluster.local'\n  trafficPolicy: {loadBalancer: {simple: RANDOM}}",
+        );
+        let exact = dr(
+            "exact",
+            "ns1",
+            "  host: reviews\n  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}",
+        );
+        let snap = parse(&config(&format!("{wildcard}{exact}"))).unwrap();
+        assert_eq!(policy(&snap, 80, None).lb, LbPolicy::LeastRequest);
+
+        let aged = |name: &str, ts: &str, simple: &str| {
+            format!(
+                "---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: ns1, creationTimestamp: '{ts}'}}\nspec: {{host: reviews, trafficPolicy: {{loadBalancer: {{simple: {simple}}}}}}}\n"
+            )
+        };
+        let young = aged("young", "2024-06-01T00:00:00Z", "RANDOM");
+        let old = aged("old", "2024-01-01T00:00:00Z", "LEAST_REQUEST");
+        let snap = parse(&config(&format!("{young}{old}"))).unwrap();
+        assert_eq!(
+            policy(&snap, 80, None).lb,
+            LbPolicy::LeastRequest,
+            "older creationTimestamp wins"
+        );
+        assert!(
+            snap.warnings.iter().any(|w| w.contains(
+                "DestinationRule ns1/young): field spec.host: ignored for Service ns1/reviews: DestinationRule ns1/old"
+            )),
+            "{:?}",
+            snap.warnings
+        );
+        // Without timestamps, file order decides (v1alpha3 is read the same way).
+        let first = dr(
+            "first",
+            "ns1",
+            "  host: reviews\n  trafficPolicy: {loadBalancer: {simple: RANDOM}}",
+        )
+        .replace("networking.istio.io/v1\n", "networking.istio.io/v1alpha3\n");
+        let second = dr(
+            "second",
+            "ns1",
+            "  host: reviews\n  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}",
+        );
+        assert_eq!(
+            policy(&parse(&config(&format!("{first}{second}"))).unwrap(), 80, None).lb,
+            LbPolicy::Random
+        );
+    }
+
+    #[test]
+    fn subsets_select_endpoints_by_labels_and_virtual_services_route_to_them() {
+        let rule = dr(
+            "subsets",
+            "ns1",
+            "  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {simple: RANDOM}}}
+  - {name: none, labels: {version: v9}}",
+        );
+        let vs = "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: ns1}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {x-canary: {exact: 'yes'}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - match: [{headers: {x-missing: {exact: 'yes'}}}]
+    route: [{destination: {host: reviews, subset: v3}}]
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews.ns1.svc.cluster.local, subset: v2, port: {number: 80}}, weight: 10}
+";
+        let snap = parse(&config(&format!("{rule}{vs}"))).unwrap();
+        let pods = |b: &Backend| b.endpoints.iter().map(|e| e.workload.to_string()).collect::<Vec<_>>();
+        let v1 = backend(&snap, 80, Some("v1"));
+        assert_eq!(pods(&v1), vec!["reviews-v1"]);
+        assert_eq!(v1.key(), "ns1/reviews:80/v1");
+        assert_eq!(pods(&backend(&snap, 9080, Some("v2"))), vec!["reviews-v2"]);
+        assert!(backend(&snap, 80, Some("none")).endpoints.is_empty());
+        assert_eq!(
+            pods(&backend(&snap, 80, None)).len(),
+            2,
+            "the Service itself keeps every endpoint"
+        );
+
+        let binding = snap.service(&"10.0.0.1:80".parse().unwrap()).unwrap();
+        let table = binding.routes.as_ref().unwrap().producer.clone().unwrap();
+        let rules = &table.routes[0].rules;
+        let id_of = |b: Option<waypoint_filters::route::BackendId>| b.map(|id| snap.backends[id.0].key());
+        assert_eq!(id_of(rules[0].backends[0].backend), Some("ns1/reviews:80/v2".into()));
+        assert_eq!(
+            rules[1].backends[0].backend, None,
+            "undefined subset: no backend (503 NC)"
+        );
+        assert_eq!(id_of(rules[2].backends[0].backend), Some("ns1/reviews:80/v1".into()));
+        assert_eq!(id_of(rules[2].backends[1].backend), Some("ns1/reviews:80/v2".into()));
+        // On the other port the same VirtualService resolves to that port's subsets.
+        let admin = snap.service(&"10.0.0.1:9080".parse().unwrap()).unwrap();
+        let rules = &admin.routes.as_ref().unwrap().producer.clone().unwrap().routes[0].rules;
+        assert_eq!(id_of(rules[0].backends[0].backend), Some("ns1/reviews:9080/v2".into()));
+        assert!(
+            snap.warnings.iter().any(|w| w.contains(
+                "VirtualService ns1/reviews): field spec.http[1].route[0].destination.subset: subset \"v3\" is not defined"
+            )),
+            "{:?}",
+            snap.warnings
+        );
+    }
+
+    #[test]
+    fn validation_errors_name_file_document_and_field() {
+        let bad = [
+            (
+                "  host: reviews\n  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x, maglev: {tableSize: 65536}}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize: must be prime",
+            ),
+            (
+                "  host: reviews\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: -1}}}",
+                "spec.trafficPolicy.connectionPool.tcp.maxConnections: must not be negative",
+            ),
+            (
+                "  host: reviews\n  trafficPolicy: {connectionPool: {http: {http2MaxRequests: 3000000000}}}",
+                "spec.trafficPolicy.connectionPool.http.http2MaxRequests: must be at most 2147483647",
+            ),
+            (
+                "  host: reviews\n  trafficPolicy: {outlierDetection: {maxEjectionPercent: 101}}",
+                "spec.trafficPolicy.outlierDetection.maxEjectionPercent: must be a percentage 0-100",
+            ),
+            (
+                "  host: reviews\n  subsets: [{name: v1}, {name: v1}]",
+                "spec.subsets[1].name: duplicate subset name",
+            ),
+            (
+                "  host: reviews\n  trafficPolicy: {outlierDetection: {interval: 10 seconds}}",
+                "spec.trafficPolicy.outlierDetection.interval: invalid duration",
+            ),
+            (
+                "  host: reviews\n  trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}",
+                "spec.trafficPolicy.loadBalancer.simple: PASSTHROUGH is not supported",
+            ),
+            (
+                "  host: reviews\n  trafficPolicy: {loadBalancer: {localityLbSetting: {distribute: [{from: a/*, to: {a/*: 60, b/*: 30}}]}}}",
+                "spec.trafficPolicy.loadBalancer.localityLbSetting.distribute[0].to: weights must sum to 100, got 90",
+            ),
+            (
+                "  host: reviews\n  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x, useSourceIp: true}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash: exactly one of",
+            ),
+            (
+                "  host: reviews\n  trafficPolicy: {outlierDetetion: {}}",
+                "spec.trafficPolicy.outlierDetetion: unknown field `outlierDetetion`",
+            ),
+            (
+                "  trafficPolicy: {loadBalancer: {simple: RANDOM}}",
+                "spec.host: required",
+            ),
+            (
+                "  host: reviews\n  trafficPolicy: {portLevelSettings: [{port: {number: 70000}, loadBalancer: {simple: RANDOM}}]}",
+                "spec.trafficPolicy.portLevelSettings[0].port.number: must be a port number",
+            ),
+            (
+                "  host: reviews\n  subsets: [{name: v1, trafficPolicy: {connectionPool: {http: {maxRetries: -3}}}}]",
+                "spec.subsets[0].trafficPolicy.connectionPool.http.maxRetries: must not be negative",
+            ),
+            (
+                "  host: reviews\n  trafficPolicy: {connectionPool: {tcp: {connectTimeout: 0s}}}",
+                "spec.trafficPolicy.connectionPool.tcp.connectTimeout: \"0s\": must be at least 1ms",
+            ),
+            (
+                "  host: reviews\n  trafficPolicy: {proxyProtocol: {version: V1}}",
+                "spec.trafficPolicy.proxyProtocol: not supported",
+            ),
+            (
+                "  host: reviews\n  trafficPolicy: {loadBalancer: {localityLbSetting: {failover: [{from: us-east, to: us-east}]}}, outlierDetection: {}}",
+                "spec.trafficPolicy.loadBalancer.localityLbSetting.failover[0]: from and to must be different regions",
+            ),
+            (
+                "  host: reviews\n  trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: c, ttl: soon}}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.ttl: invalid duration",
+            ),
+        ];
+        for (spec, want) in bad {
+            let msgs = errors(&config(&dr("bad", "ns1", spec)));
+            assert!(
+                msgs.iter().any(|m| m.starts_with("test.yaml: document 5 (line ")
+                    && m.contains("DestinationRule ns1/bad): field ")
+                    && m.contains(want)),
+                "want {want:?} in {msgs:?}"
+            );
+        }
+        // Every error of a rule is reported, not just the first; the whole config is rejected.
+        let msgs = errors(&config(&dr(
+            "bad",
+            "ns1",
+            "  host: reviews\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: -1}}, outlierDetection: {minHealthPercent: 200}}",
+        )));
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        // An invalid rule fails the load even when it selects no Service.
+        assert!(
+            !errors(&config(&dr(
+                "bad",
+                "other",
+                "  host: nothing\n  subsets: [{name: Bad_Name}]"
+            )))
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn fields_not_applied_are_accepted_with_a_warning_naming_them() {
+        let text = config(&dr(
+            "tls",
+            "ns1",
+            "  host: reviews
+  trafficPolicy:
+    tls: {mode: SIMPLE, sni: reviews.example.com}
+    connectionPool:
+      tcp: {tcpKeepalive: {time: 7200s, interval: 75s}, maxConnectionDuration: 1h, idleTimeout: 0s}
+      http: {h2UpgradePolicy: UPGRADE, maxConcurrentStreams: 100}
+    tunnel: {targetHost: proxy.example.com, targetPort: 8080}
+    retryBudget: {percent: 25, minRetryConcurrency: 5}
+    loadBalancer:
+      simple: RANDOM
+      warmupDurationSecs: 10s",
+        ));
+        let snap = parse(&text).unwrap();
+        for field in [
+            "spec.trafficPolicy.tls.mode: SIMPLE not applied",
+            "spec.trafficPolicy.tls.sni: not applied",
+            "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive: not applied",
+            "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration: not applied",
+            "spec.trafficPolicy.connectionPool.tcp.idleTimeout: not applied",
+            "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy: not applied",
+            "spec.trafficPolicy.connectionPool.http.maxConcurrentStreams: not applied",
+            "spec.trafficPolicy.tunnel: not applied",
+            "spec.trafficPolicy.retryBudget: not applied",
+            "spec.trafficPolicy.loadBalancer.warmup: not applied",
+        ] {
+            assert!(
+                snap.warnings
+                    .iter()
+                    .any(|w| w.contains(&format!("DestinationRule ns1/tls): field {field}"))),
+                "{field} not in {:?}",
+                snap.warnings
+            );
+        }
+        assert_eq!(
+            policy(&snap, 80, None).warmup,
+            None,
+            "warmup needs ROUND_ROBIN or LEAST_REQUEST"
+        );
+        // ISTIO_MUTUAL (and DISABLE: nothing inside the tunnel) is what the waypoint does anyway.
+        let snap = parse(&config(&dr(
+            "mtls",
+            "ns1",
+            "  host: reviews\n  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}",
+        )))
         .unwrap();
-        assert!(matches!(t.outcome, Outcome::Skipped(r) if r.contains("workloadSelector")));
-        let t = compile("metadata: {name: a, namespace: ns1}\nspec: {host: reviews, exportTo: ['.']}").unwrap();
-        assert!(matches!(t.outcome, Outcome::Skipped(r) if r.contains("exportTo")));
-        let t = compile("metadata: {name: a, namespace: infra}\nspec: {host: reviews, exportTo: ['.']}").unwrap();
-        assert!(matches!(t.outcome, Outcome::Applies(_)));
-        assert!(exported_to(&["ns9".into()], "ns1", "ns9"));
-        assert!(!exported_to(&["~".into()], "ns1", "ns1"));
+        assert!(snap.warnings.is_empty(), "{:?}", snap.warnings);
+    }
+
+    #[test]
+    fn rules_for_sidecars_or_hidden_by_export_to_do_not_apply() {
+        let selector = dr(
+            "sidecar",
+            "ns1",
+            "  host: reviews\n  workloadSelector: {matchLabels: {app: client}}\n  trafficPolicy: {loadBalancer: {simple: RANDOM}}",
+        );
+        let hidden = dr(
+            "hidden",
+            "ns1",
+            "  host: reviews\n  exportTo: ['.']\n  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}",
+        );
+        let snap = parse(&config(&format!("{selector}{hidden}"))).unwrap();
+        assert_eq!(policy(&snap, 80, None), TrafficPolicy::default());
+        assert!(
+            snap.warnings
+                .iter()
+                .any(|w| w
+                    .contains("DestinationRule ns1/sidecar): does not apply to this waypoint: has a workloadSelector")),
+            "{:?}",
+            snap.warnings
+        );
+        assert!(
+            snap.warnings
+                .iter()
+                .any(|w| w.contains("DestinationRule ns1/hidden): does not apply"))
+        );
+        // Exported to the waypoint's namespace by name: applies.
+        let shown = hidden.replace("exportTo: ['.']", "exportTo: [infra]");
+        assert_eq!(
+            policy(&parse(&config(&shown)).unwrap(), 80, None).lb,
+            LbPolicy::LeastRequest
+        );
+    }
+
+    #[test]
+    fn connection_limits_put_an_address_without_routes_on_the_policy_pipeline() {
+        let vip = "10.0.0.1:80".parse().unwrap();
+        let snap = parse(&config("")).unwrap();
+        assert!(snap.service(&vip).unwrap().default_table.is_none());
+        let limits = dr(
+            "limits",
+            "ns1",
+            "  host: reviews\n  trafficPolicy: {connectionPool: {http: {http2MaxRequests: 5}}}",
+        );
+        let snap = parse(&config(&limits)).unwrap();
+        let binding = snap.service(&vip).unwrap();
+        assert!(binding.routes.is_none());
+        let table = binding.default_table.as_ref().unwrap();
+        let target = table.routes[0].rules[0].backends[0].backend.unwrap();
+        assert_eq!(snap.backends[target.0].policy.pool.max_requests, Some(5));
+        // A policy without request limits does not need the pipeline.
+        let lb_only = dr(
+            "lb",
+            "ns1",
+            "  host: reviews\n  trafficPolicy: {loadBalancer: {simple: RANDOM}}",
+        );
+        assert!(
+            parse(&config(&lb_only))
+                .unwrap()
+                .service(&vip)
+                .unwrap()
+                .default_table
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn endpoint_and_waypoint_locality() {
+        let text = config(
+            "---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm, namespace: ns1}
+spec: {address: 127.1.0.3, labels: {app: reviews, version: v1}, locality: eu-west/eu-west-1b/rack7}
+",
+        )
+        .replace(
+            "  tls: {certFile",
+            "  locality: us-east/us-east-1a\n  labels: {version: v1}\n  tls: {certFile",
+        );
+        let snap = parse(&text).unwrap();
+        let eps = &backend(&snap, 80, None).endpoints;
+        let loc = |w: &str| eps.iter().find(|e| &*e.workload == w).unwrap().locality.clone();
+        assert_eq!(loc("reviews-v1"), Locality::parse("us-east/us-east-1a"));
+        assert_eq!(loc("reviews-v2"), Locality::default());
+        assert_eq!(loc("vm"), Locality::parse("eu-west/eu-west-1b/rack7"));
+        let vm = eps.iter().find(|e| &*e.workload == "vm").unwrap();
+        assert_eq!(
+            vm.labels.get("topology.istio.io/subzone").map(String::as_str),
+            Some("rack7")
+        );
+        assert_eq!(snap.settings.locality, Locality::parse("us-east/us-east-1a"));
+        assert_eq!(snap.settings.labels.get("version").map(String::as_str), Some("v1"));
+        assert_eq!(
+            snap.settings
+                .labels
+                .get("topology.kubernetes.io/zone")
+                .map(String::as_str),
+            Some("us-east-1a")
+        );
+        let bad = text.replace("locality: us-east/us-east-1a", "locality: a/b/c/d");
+        assert!(
+            errors(&bad)
+                .iter()
+                .any(|m| m.contains("WaypointConfig infra/wp): field spec.locality")),
+            "{:?}",
+            errors(&bad)
+        );
+        let bad = text.replace("eu-west/eu-west-1b/rack7", "eu-west/*");
+        assert!(
+            errors(&bad)
+                .iter()
+                .any(|m| m.contains("WorkloadEntry ns1/vm): field spec.locality"))
+        );
     }
 }

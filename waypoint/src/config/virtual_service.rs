@@ -1042,7 +1042,340 @@ pub fn translate(
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
+    use crate::config::{ConfigErrors, Snapshot, parse_config};
+
+    const HEADER: &str = "apiVersion: waypoint.istio.io/v1alpha1
+kind: WaypointConfig
+metadata: {name: wp, namespace: infra}
+spec:
+  listeners: {hbone: 127.0.0.1:15008}
+  tls: {certFile: c.pem, keyFile: k.pem, rootsFile: r.pem}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: ns1}
+spec:
+  clusterIP: 10.0.0.2
+  selector: {app: echo}
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-1, namespace: ns1, labels: {app: echo}}
+status: {podIP: 127.1.0.1}
+";
+
+    /// A VirtualService for ns1/echo with these `http` routes (YAML, indented under `http:`).
+    fn with_routes(http: &str) -> Result<Snapshot, ConfigErrors> {
+        let text = format!(
+            "{HEADER}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs, namespace: ns1}}\nspec:\n  hosts: [echo]\n  http:\n{http}"
+        );
+        parse_config("test.yaml", Path::new("/"), &text, 1)
+    }
+
+    fn rules(snap: &Snapshot) -> Vec<Arc<Rule>> {
+        let b = snap.service(&"10.0.0.2:80".parse().unwrap()).unwrap();
+        b.routes.as_ref().unwrap().producer.as_ref().unwrap().routes[0]
+            .rules
+            .clone()
+    }
+
+    fn error(http: &str) -> String {
+        with_routes(http).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn fault_delay_and_abort() {
+        let snap = with_routes(
+            "  - match: [{uri: {prefix: /slow}}]
+    fault:
+      delay: {fixedDelay: 2s, percentage: {value: 12.5}}
+    route: [{destination: {host: echo}}]
+  - match: [{uri: {prefix: /legacy}}]
+    fault:
+      delay: {fixedDelay: 100ms, percent: 30}
+      abort: {httpStatus: 503}
+    route: [{destination: {host: echo}}]
+  - match: [{uri: {prefix: /grpc}}]
+    fault:
+      abort: {grpcStatus: UNAVAILABLE, percentage: {value: 0.5}}
+    route: [{destination: {host: echo}}]
+  - fault:
+      abort: {grpcStatus: 4}
+    route: [{destination: {host: echo}}]
+",
+        )
+        .unwrap();
+        let r = rules(&snap);
+        assert_eq!(
+            r[0].fault,
+            Some(FaultPolicy {
+                delay: Some(FaultDelay {
+                    fixed: Duration::from_secs(2),
+                    percent: 12.5
+                }),
+                abort: None,
+            })
+        );
+        assert_eq!(
+            r[1].fault,
+            Some(FaultPolicy {
+                delay: Some(FaultDelay {
+                    fixed: Duration::from_millis(100),
+                    percent: 30.0
+                }),
+                abort: Some(FaultAbort {
+                    status: AbortStatus::Http(503),
+                    percent: 100.0
+                }),
+            })
+        );
+        assert_eq!(
+            r[2].fault.as_ref().unwrap().abort,
+            Some(FaultAbort {
+                status: AbortStatus::Grpc(14),
+                percent: 0.5
+            })
+        );
+        assert_eq!(
+            r[3].fault.as_ref().unwrap().abort.as_ref().unwrap().status,
+            AbortStatus::Grpc(4)
+        );
+        assert!(
+            !snap.warnings.iter().any(|w| w.contains("fault")),
+            "{:?}",
+            snap.warnings
+        );
+    }
+
+    #[test]
+    fn fault_errors_name_the_field() {
+        let route = "    route: [{destination: {host: echo}}]\n";
+        for (fault, want) in [
+            (
+                "{abort: {http2Error: PROTOCOL_ERROR}}",
+                "field spec.http[0].fault.abort.http2Error: not supported",
+            ),
+            (
+                "{abort: {httpStatus: 700}}",
+                "field spec.http[0].fault.abort.httpStatus: must be 200-599",
+            ),
+            (
+                "{abort: {grpcStatus: NOPE}}",
+                "field spec.http[0].fault.abort.grpcStatus:",
+            ),
+            (
+                "{abort: {grpcStatus: 17}}",
+                "field spec.http[0].fault.abort.grpcStatus:",
+            ),
+            (
+                "{abort: {httpStatus: 500, grpcStatus: INTERNAL}}",
+                "field spec.http[0].fault.abort: httpStatus and grpcStatus are exclusive",
+            ),
+            (
+                "{delay: {fixedDelay: 1s, percentage: {value: 150}}}",
+                "field spec.http[0].fault.delay.percentage.value: must be between 0 and 100",
+            ),
+            (
+                "{delay: {fixedDelay: 1s, percent: -1}}",
+                "field spec.http[0].fault.delay.percent:",
+            ),
+            (
+                "{delay: {percent: 10}}",
+                "field spec.http[0].fault.delay.fixedDelay: required",
+            ),
+            (
+                "{delay: {exponentialDelay: 1s}}",
+                "field spec.http[0].fault.delay.exponentialDelay: not supported",
+            ),
+            (
+                "{delay: {fixedDelay: soon}}",
+                "field spec.http[0].fault.delay.fixedDelay: invalid duration",
+            ),
+            ("{}", "field spec.http[0].fault: one of delay or abort is required"),
+            (
+                "{abort: {httpStatus: 503, percentage: {valu: 5}}}",
+                "field spec.http[0].fault.abort.percentage.valu: unknown field `valu`",
+            ),
+        ] {
+            let e = error(&format!("  - fault: {fault}\n{route}"));
+            assert!(
+                e.contains("test.yaml: document 4") && e.contains(want),
+                "want {want:?} in {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn retries_follow_istio_and_envoy() {
+        let snap = with_routes(
+            "  - match: [{uri: {prefix: /a}}]
+    retries: {attempts: 2, retryOn: 'refused-stream,retriable-4xx', retryRemoteLocalities: true, backoff: 50ms}
+    route: [{destination: {host: echo}}]
+  - match: [{uri: {prefix: /b}}]
+    retries: {attempts: 1, retryOn: 'retriable-status-codes,502,504'}
+    route: [{destination: {host: echo}}]
+  - match: [{uri: {prefix: /c}}]
+    retries: {attempts: 4, perTryTimeout: 1s}
+    route: [{destination: {host: echo}}]
+  - match: [{uri: {prefix: /d}}]
+    retries: {retryOn: 5xx}
+    route: [{destination: {host: echo}}]
+  - match: [{uri: {prefix: /e}}]
+    retries: {attempts: 1, retryOn: 'reset,unavailable'}
+    route: [{destination: {host: echo}}]
+  - route: [{destination: {host: echo}}]
+",
+        )
+        .unwrap();
+        let r = rules(&snap);
+        let a = r[0].retry.clone().unwrap();
+        assert_eq!(
+            a,
+            RetryPolicy {
+                attempts: 3,
+                codes: vec![409],
+                on_connect_failure: false,
+                on_reset: false,
+                on_refused_stream: true,
+                backoff: Some(Duration::from_millis(50)),
+                remote_localities: true,
+            },
+            "refused-stream is not connect-failure; retriable-4xx is 409"
+        );
+        let b = r[1].retry.clone().unwrap();
+        assert_eq!(
+            b.codes,
+            vec![502, 504],
+            "retriable-status-codes retries the listed codes, not 503"
+        );
+        assert!(!b.on_connect_failure && !b.on_refused_stream && !b.on_reset);
+        let c = r[2].retry.clone().unwrap();
+        assert_eq!(c.attempts, 5);
+        assert_eq!(c.codes, vec![503], "no retryOn keeps Istio's default conditions");
+        assert!(c.on_connect_failure && c.on_refused_stream && !c.on_reset && !c.remote_localities);
+        assert_eq!(r[2].timeouts.backend_request, Some(Duration::from_secs(1)));
+        assert!(r[3].retry.is_none(), "istiod reads a missing attempts as 0: no retries");
+        let e = r[4].retry.clone().unwrap();
+        assert!(e.on_reset && e.on_connect_failure && e.on_refused_stream && e.codes.is_empty());
+        assert_eq!(r[5].retry, Some(default_retry()));
+        for w in [
+            "field spec.http[3].retries.attempts: not set: retries are disabled",
+            "field spec.http[4].retries.retryOn: \"unavailable\" not applied",
+        ] {
+            assert!(
+                snap.warnings.iter().any(|s| s.contains(w)),
+                "{w} not in {:?}",
+                snap.warnings
+            );
+        }
+        assert!(
+            error("  - retries: {attempts: -1}\n    route: [{destination: {host: echo}}]\n")
+                .contains("retries.attempts")
+        );
+    }
+
+    #[test]
+    fn match_fields_the_model_cannot_express_never_match() {
+        let snap = with_routes(
+            "  - match: [{authority: {exact: echo.example.com}}]
+    route: [{destination: {host: echo}}]
+  - match: [{sourceNamespace: ns2}]
+    route: [{destination: {host: echo}}]
+  - match: [{gateways: [my-gateway]}]
+    route: [{destination: {host: echo}}]
+  - match: [{scheme: {exact: https}}]
+    route: [{destination: {host: echo}}]
+  - match: [{name: plain, scheme: {exact: http}, gateways: [mesh], statPrefix: s, uri: {exact: /here}}]
+    route: [{destination: {host: echo}}]
+",
+        )
+        .unwrap();
+        let r = rules(&snap);
+        assert_eq!(r.len(), 1, "only the last rule can ever match here");
+        assert!(matches!(r[0].matches[0].path, Some(PathMatch::Exact(ref p)) if p == "/here"));
+        for w in [
+            "spec.http[0].match[0].authority",
+            "spec.http[1].match[0].sourceNamespace",
+        ] {
+            assert!(
+                snap.warnings
+                    .iter()
+                    .any(|s| s.contains(&format!("field {w}: not supported"))),
+                "{w} not in {:?}",
+                snap.warnings
+            );
+        }
+        let e = error("  - match: [{urii: {exact: /}}]\n    route: [{destination: {host: echo}}]\n");
+        assert!(
+            e.contains("field spec.http[0].match[0].urii: unknown field `urii`"),
+            "{e}"
+        );
+        let e = error("  - delegate: {name: other}\n");
+        assert!(e.contains("field spec.http[0].delegate: not supported"), "{e}");
+    }
+
+    #[test]
+    fn other_route_fields() {
+        let snap = with_routes(
+            "  - match: [{uri: {exact: /bytes}}]
+    directResponse: {status: 418, body: {bytes: aGVsbG8=}}
+  - match: [{uri: {exact: /moved}}]
+    redirect: {uri: /new, derivePort: FROM_PROTOCOL_DEFAULT, scheme: https}
+  - route: [{destination: {host: echo}}]
+    mirror: {host: echo}
+    mirrorPercent: 25
+    corsPolicy: {allowOrigin: [https://a.example], allowOrigins: [{prefix: 'https://b.'}], unmatchedPreflights: FORWARD}
+",
+        )
+        .unwrap();
+        let r = rules(&snap);
+        let body = r[0].direct_response.as_ref().unwrap().body.clone().unwrap();
+        assert_eq!(&body[..], b"hello");
+        let redirect = r[1].filters.iter().find_map(|f| match f {
+            Filter::Redirect(r) => Some(r.clone()),
+            _ => None,
+        });
+        assert_eq!(redirect.unwrap().port, Some(443));
+        let mirror = r[2].filters.iter().find_map(|f| match f {
+            Filter::Mirror(m) => Some(m.numerator),
+            _ => None,
+        });
+        assert_eq!(mirror, Some(250_000));
+        let cors = r[2].filters.iter().find_map(|f| match f {
+            Filter::Cors(c) => Some(c.allow_origins.clone()),
+            _ => None,
+        });
+        assert_eq!(cors.unwrap(), vec!["https://a.example", "https://b.*"]);
+        assert_eq!(base64_decode("aGk"), Some(b"hi".to_vec()));
+        assert_eq!(base64_decode("a*b"), None);
+    }
+
+    #[test]
+    fn export_to_and_unapplied_route_kinds() {
+        let text = format!(
+            "{HEADER}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs, namespace: ns1}}\nspec:\n  hosts: [echo]\n  exportTo: ['.']\n  http: [{{directResponse: {{status: 204}}}}]\n"
+        );
+        let snap = parse_config("test.yaml", Path::new("/"), &text, 1).unwrap();
+        let b = snap.service(&"10.0.0.2:80".parse().unwrap()).unwrap();
+        assert!(b.routes.is_none(), "exported to ns1 only, the waypoint is in infra");
+        let text = text.replace(
+            "exportTo: ['.']",
+            "exportTo: [infra]\n  tcp: [{route: [{destination: {host: echo}}]}]",
+        );
+        let snap = parse_config("test.yaml", Path::new("/"), &text, 1).unwrap();
+        assert_eq!(rules(&snap).len(), 1);
+        assert!(
+            snap.warnings
+                .iter()
+                .any(|w| w.contains("VirtualService ns1/vs): field spec.tcp: not applied")),
+            "{:?}",
+            snap.warnings
+        );
+    }
 
     #[test]
     fn host_forms() {
