@@ -227,6 +227,8 @@ pub struct MeshBuilder {
     extra_config: Vec<String>,
     drain_timeout: String,
     security: Option<Value>,
+    locality: Option<String>,
+    held_back: Vec<String>,
     mode: WaypointMode,
 }
 
@@ -271,6 +273,20 @@ impl MeshBuilder {
         self
     }
 
+    /// `spec.locality` of the WaypointConfig (`region/zone/subzone`): where the waypoint runs, for locality
+    /// load balancing. Pods carry theirs as `topology.kubernetes.io/region` / `zone` labels.
+    pub fn waypoint_locality(mut self, locality: &str) -> MeshBuilder {
+        self.locality = Some(locality.to_string());
+        self
+    }
+
+    /// Start these pods but leave them out of the first config (endpoints that appear later, through
+    /// [`Mesh::rewrite_config_without_pods`]).
+    pub fn hold_back_pods(mut self, pods: &[&str]) -> MeshBuilder {
+        self.held_back.extend(pods.iter().map(|p| p.to_string()));
+        self
+    }
+
     /// `spec.drainTimeout` of the WaypointConfig (default `10s`).
     pub fn drain_timeout(mut self, go_duration: &str) -> MeshBuilder {
         self.drain_timeout = go_duration.to_string();
@@ -312,10 +328,11 @@ impl MeshBuilder {
         leaf.write_to(dir.path(), "waypoint")?;
         ca.write_root(dir.path(), "root.pem")?;
         let (base_config, pod_documents) = self.render(&addrs, &pods)?;
+        let held_back: Vec<&str> = self.held_back.iter().map(String::as_str).collect();
         let config_path = dir.path().join("waypoint.yaml");
         write_config(
             &config_path,
-            &join_base(&base_config, &pod_documents, &[]),
+            &join_base(&base_config, &pod_documents, &held_back),
             &self.extra_config,
         )?;
 
@@ -443,6 +460,9 @@ impl MeshBuilder {
         if let Some(security) = &self.security {
             doc["spec"]["security"] = security.clone();
         }
+        if let Some(locality) = &self.locality {
+            doc["spec"]["locality"] = json!(locality);
+        }
         doc
     }
 }
@@ -545,6 +565,8 @@ impl Mesh {
             extra_config: Vec::new(),
             drain_timeout: "10s".into(),
             security: None,
+            locality: None,
+            held_back: Vec::new(),
             mode: WaypointMode::InProcess,
         }
     }
