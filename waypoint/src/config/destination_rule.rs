@@ -2136,4 +2136,23 @@ spec: {address: 127.1.0.3, labels: {app: reviews, version: v1}, locality: eu-wes
                 .any(|m| m.contains("WorkloadEntry ns1/vm): field spec.locality"))
         );
     }
+
+    #[test]
+    fn the_example_config_applies_its_rule_and_routes_to_subsets() {
+        let text = include_str!("../../../examples/waypoint.yaml");
+        let snap = parse(text).unwrap();
+        assert!(snap.warnings.is_empty(), "{:?}", snap.warnings);
+        let http = snap.service(&"10.96.0.20:80".parse().unwrap()).unwrap();
+        assert_eq!(http.backend.policy.lb, LbPolicy::LeastRequest);
+        assert!(http.backend.policy.needs_pipeline());
+        let rules = &http.routes.as_ref().unwrap().producer.as_ref().unwrap().routes[0].rules;
+        assert!(rules[0].fault.as_ref().unwrap().delay.is_some());
+        assert!(rules[1].fault.as_ref().unwrap().abort.is_some());
+        let canary: Vec<String> = rules[2]
+            .backends
+            .iter()
+            .map(|b| snap.backends[b.backend.unwrap().0].key())
+            .collect();
+        assert_eq!(canary, vec!["demo/echo:80/v1", "demo/echo:80/v2"]);
+    }
 }
