@@ -530,3 +530,245 @@ impl Drop for ReturnOnEnd {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::atomic::Ordering;
+
+    use waypoint_filters::breaker::{Limits, Overflow};
+
+    use super::*;
+    use crate::upstream::test_support::{body, endpoint, get, server, upstream};
+
+    fn gate(limits: Limits) -> Arc<ConnGate> {
+        Arc::new(ConnGate::new(Arc::new(CircuitBreaker::new(limits))))
+    }
+
+    fn params(gate: &Arc<ConnGate>) -> PoolParams<'_> {
+        PoolParams {
+            gate: Some(gate),
+            pool_id: 1,
+            ..PoolParams::default()
+        }
+    }
+
+    /// Yields until `cond` holds (waiting on an event another task causes, without a timer).
+    async fn until(cond: impl Fn() -> bool) {
+        while !cond() {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn max_connections_queues_pending_requests_and_overflows_beyond_the_bound() {
+        let up = upstream();
+        let s = server(false).await;
+        // Hold every response until released.
+        s.gate.forget_permits(tokio::sync::Semaphore::MAX_PERMITS);
+        let ep = endpoint(s.addr);
+        let g = gate(Limits {
+            max_connections: Some(1),
+            max_pending: Some(1),
+            ..Limits::default()
+        });
+        let first = {
+            let (up, ep, g) = (up.clone(), ep.clone(), g.clone());
+            tokio::spawn(async move {
+                up.http
+                    .send_with(&up, &params(&g), &ep, Protocol::Http1, get("/a"))
+                    .await
+            })
+        };
+        until(|| s.requests.load(Ordering::SeqCst) == 1).await;
+        assert_eq!(g.breaker.in_use()[0], 1, "one connection open");
+        let second = {
+            let (up, ep, g) = (up.clone(), ep.clone(), g.clone());
+            tokio::spawn(async move {
+                up.http
+                    .send_with(&up, &params(&g), &ep, Protocol::Http1, get("/b"))
+                    .await
+            })
+        };
+        until(|| g.breaker.in_use()[1] == 1).await;
+        // The connection is busy and the one pending slot is taken: the third overflows at once.
+        let third = up
+            .http
+            .send_with(&up, &params(&g), &ep, Protocol::Http1, get("/c"))
+            .await;
+        assert!(
+            matches!(third, Err(ProxyError::Overflow(Overflow::Pending))),
+            "{third:?}"
+        );
+
+        // Releasing the first response returns the connection, which the pending request then uses.
+        s.gate.add_permits(2);
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(body(first).await, s.addr.to_string());
+        let second = second.await.unwrap().unwrap();
+        assert_eq!(body(second).await, s.addr.to_string());
+        assert_eq!(
+            s.connections.load(Ordering::SeqCst),
+            1,
+            "the pending request reused the connection"
+        );
+        assert_eq!(g.breaker.in_use()[..2], [1, 0]);
+        assert_eq!(up.http.idle_h1(), 1);
+    }
+
+    #[tokio::test]
+    async fn pending_request_for_another_endpoint_gets_the_permit_of_an_idle_connection() {
+        let up = upstream();
+        let (a, b) = (server(false).await, server(false).await);
+        let g = gate(Limits {
+            max_connections: Some(1),
+            ..Limits::default()
+        });
+        let resp = up
+            .http
+            .send_with(&up, &params(&g), &endpoint(a.addr), Protocol::Http1, get("/"))
+            .await
+            .unwrap();
+        body(resp).await;
+        assert_eq!(up.http.idle_h1(), 1, "a's connection is idle and holds the only permit");
+        let resp = up
+            .http
+            .send_with(&up, &params(&g), &endpoint(b.addr), Protocol::Http1, get("/"))
+            .await
+            .unwrap();
+        assert_eq!(body(resp).await, b.addr.to_string());
+        assert_eq!(g.breaker.in_use()[..2], [1, 0]);
+    }
+
+    #[tokio::test]
+    async fn zero_pending_overflows_when_connections_are_full() {
+        let up = upstream();
+        let s = server(false).await;
+        s.gate.forget_permits(tokio::sync::Semaphore::MAX_PERMITS);
+        let g = gate(Limits {
+            max_connections: Some(1),
+            max_pending: Some(0),
+            ..Limits::default()
+        });
+        let ep = endpoint(s.addr);
+        let _busy = {
+            let (up, ep, g) = (up.clone(), ep.clone(), g.clone());
+            tokio::spawn(async move {
+                up.http
+                    .send_with(&up, &params(&g), &ep, Protocol::Http1, get("/"))
+                    .await
+            })
+        };
+        until(|| s.requests.load(Ordering::SeqCst) == 1).await;
+        let r = up
+            .http
+            .send_with(&up, &params(&g), &ep, Protocol::Http1, get("/"))
+            .await;
+        assert!(matches!(r, Err(ProxyError::Overflow(Overflow::Pending))), "{r:?}");
+        s.gate.add_permits(1);
+    }
+
+    async fn sequential(up: &Upstream, p: &PoolParams<'_>, addr: SocketAddr, proto: Protocol, n: usize) {
+        for _ in 0..n {
+            let resp = up
+                .http
+                .send_with(up, p, &endpoint(addr), proto, get("http://svc/"))
+                .await
+                .unwrap();
+            body(resp).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn max_requests_per_connection_closes_http1_connections() {
+        let up = upstream();
+        let s = server(false).await;
+        let g = gate(Limits::default());
+        let p = PoolParams {
+            max_requests_per_connection: Some(2),
+            ..params(&g)
+        };
+        sequential(&up, &p, s.addr, Protocol::Http1, 5).await;
+        assert_eq!(s.connections.load(Ordering::SeqCst), 3, "2 + 2 + 1");
+        // Without the limit, one connection serves them all.
+        let s = server(false).await;
+        sequential(&up, &params(&g), s.addr, Protocol::Http1, 5).await;
+        assert_eq!(s.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn max_requests_per_connection_rotates_http2_connections() {
+        let up = upstream();
+        let s = server(true).await;
+        let g = gate(Limits::default());
+        let p = PoolParams {
+            max_requests_per_connection: Some(2),
+            ..params(&g)
+        };
+        sequential(&up, &p, s.addr, Protocol::Http2, 5).await;
+        assert_eq!(s.connections.load(Ordering::SeqCst), 3);
+        assert_eq!(s.requests.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn idle_timeout_is_per_backend() {
+        let up = upstream();
+        let s = server(false).await;
+        let g = gate(Limits::default());
+        let p = PoolParams {
+            idle_timeout: Duration::ZERO,
+            ..params(&g)
+        };
+        sequential(&up, &p, s.addr, Protocol::Http1, 3).await;
+        assert_eq!(
+            s.connections.load(Ordering::SeqCst),
+            3,
+            "an idle connection expired at once is not reused"
+        );
+        up.http.purge_idle();
+        assert_eq!(up.http.idle_h1(), 0, "expired idle connections are purged");
+    }
+
+    #[tokio::test]
+    async fn backends_do_not_share_connections() {
+        let up = upstream();
+        let s = server(false).await;
+        let (g1, g2) = (gate(Limits::default()), gate(Limits::default()));
+        sequential(&up, &params(&g1), s.addr, Protocol::Http1, 2).await;
+        let p2 = PoolParams {
+            pool_id: 2,
+            ..params(&g2)
+        };
+        sequential(&up, &p2, s.addr, Protocol::Http1, 2).await;
+        assert_eq!(s.connections.load(Ordering::SeqCst), 2);
+        assert_eq!((g1.breaker.in_use()[0], g2.breaker.in_use()[0]), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn refused_stream_is_told_apart_from_a_reset() {
+        let listener = tokio::net::TcpListener::bind((crate::upstream::test_support::next_ip(), 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            let mut n = 0;
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                n += 1;
+                respond.send_reset(if n == 1 {
+                    h2::Reason::REFUSED_STREAM
+                } else {
+                    h2::Reason::INTERNAL_ERROR
+                });
+            }
+        });
+        let up = upstream();
+        let ep = endpoint(addr);
+        let r = up.http.send(&up, &ep, Protocol::Http2, get("http://svc/")).await;
+        assert!(matches!(r, Err(ProxyError::UpstreamRefusedStream(_))), "{r:?}");
+        let r = up.http.send(&up, &ep, Protocol::Http2, get("http://svc/")).await;
+        assert!(matches!(r, Err(ProxyError::UpstreamReset(_))), "{r:?}");
+    }
+}

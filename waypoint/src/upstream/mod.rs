@@ -92,3 +92,157 @@ impl Upstream {
         }
     }
 }
+
+/// What tests of the upstream side share: an [`Upstream`] (its HBONE pool gets a throwaway self-signed
+/// identity; the tests reach endpoints over plain TCP) and tiny HTTP endpoints on loopback.
+#[cfg(test)]
+pub(crate) mod test_support {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::net::TcpListener;
+    use tokio::sync::Semaphore;
+
+    use super::Upstream;
+    use super::http_pool::Body;
+    use crate::config::policy::{Locality, TrafficPolicy};
+    use crate::config::{Backend, Endpoint, PortProtocol, TlsPaths};
+    use crate::identity::SpiffeId;
+    use crate::tls::reload::TlsStore;
+
+    pub fn upstream() -> Arc<Upstream> {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "waypoint-upstream-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://cluster.local/ns/infra/sa/waypoint".try_into().unwrap(),
+        )];
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        let paths = TlsPaths {
+            cert_file: dir.join("cert.pem"),
+            key_file: dir.join("key.pem"),
+            roots_file: dir.join("roots.pem"),
+        };
+        std::fs::write(&paths.cert_file, cert.pem()).unwrap();
+        std::fs::write(&paths.roots_file, cert.pem()).unwrap();
+        std::fs::write(&paths.key_file, key.serialize_pem()).unwrap();
+        let tls = TlsStore::load(paths, "cluster.local".into()).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        Upstream::new(tls)
+    }
+
+    /// A fresh loopback address per call (127.0.7.x, 127.0.8.x, …), so tests do not share endpoints.
+    pub fn next_ip() -> std::net::IpAddr {
+        static N: AtomicU16 = AtomicU16::new(7 * 256);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        std::net::Ipv4Addr::new(127, 0, (n >> 8) as u8, (n & 0xff).max(1) as u8).into()
+    }
+
+    pub fn endpoint(addr: SocketAddr) -> Arc<Endpoint> {
+        Arc::new(Endpoint {
+            addr,
+            hbone: None,
+            identity: SpiffeId::new("cluster.local", "ns", "sa"),
+            workload: format!("pod-{addr}").into(),
+            namespace: "ns".into(),
+            labels: Default::default(),
+            locality: Locality::default(),
+        })
+    }
+
+    pub fn backend(name: &str, protocol: PortProtocol, eps: &[SocketAddr], policy: TrafficPolicy) -> Backend {
+        let mut b = Backend::new(
+            name.into(),
+            "ns".into(),
+            80,
+            protocol,
+            eps.iter().map(|a| endpoint(*a)).collect(),
+        );
+        b.policy = Arc::new(policy);
+        b
+    }
+
+    /// A test endpoint: answers every request with `status` and a body naming itself, once `gate` lets it
+    /// (a semaphore with plenty of permits answers at once); counts connections and requests.
+    pub struct Server {
+        pub addr: SocketAddr,
+        pub connections: Arc<AtomicUsize>,
+        pub requests: Arc<AtomicUsize>,
+        pub gate: Arc<Semaphore>,
+        pub status: Arc<std::sync::atomic::AtomicU16>,
+    }
+
+    pub async fn server(h2: bool) -> Server {
+        let listener = TcpListener::bind((next_ip(), 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let s = Server {
+            addr,
+            connections: connections.clone(),
+            requests: requests.clone(),
+            gate: gate.clone(),
+            status: status.clone(),
+        };
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                connections.fetch_add(1, Ordering::SeqCst);
+                let (requests, gate, status) = (requests.clone(), gate.clone(), status.clone());
+                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    let (requests, gate, status) = (requests.clone(), gate.clone(), status.clone());
+                    async move {
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        gate.acquire().await.unwrap().forget();
+                        let mut r = Response::new(Full::new(Bytes::from(addr.to_string())));
+                        *r.status_mut() = StatusCode::from_u16(status.load(Ordering::SeqCst)).unwrap();
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                tokio::spawn(async move {
+                    let io = TokioIo::new(tcp);
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await;
+                    }
+                });
+            }
+        });
+        s
+    }
+
+    pub fn get(path: &str) -> Request<Body> {
+        Request::builder()
+            .uri(path)
+            .header("host", "svc")
+            .body(Full::new(Bytes::new()).map_err(|never| match never {}).boxed())
+            .unwrap()
+    }
+
+    pub async fn body(resp: Response<Body>) -> String {
+        String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+}
