@@ -456,6 +456,8 @@ impl CompiledRule {
         format!("DestinationRule {}/{}", self.namespace, self.name)
     }
 
+    /// Older first: a creation timestamp before none, then the timestamp (RFC 3339 as Kubernetes writes it, in
+    /// UTC with `Z`, sorts as a string), then file order.
     fn age(&self) -> (bool, Option<&str>, usize) {
         (
             self.creation_timestamp.is_none(),
@@ -600,6 +602,8 @@ pub struct Selection<'a> {
     pub rule: Option<&'a CompiledRule>,
     /// Same namespace, same host pattern specificity, younger: ignored (logged by the caller).
     pub shadowed: Vec<&'a CompiledRule>,
+    /// Every rule of the lookup namespaces whose host matches the Service, applied or not.
+    pub candidates: Vec<&'a CompiledRule>,
 }
 
 /// Every DestinationRule that may apply to this waypoint.
@@ -625,17 +629,18 @@ impl DrIndex {
     /// waypoint's, the root namespace).
     pub fn select(&self, namespace: &str, name: &str, cluster_domain: &str, namespaces: &[&str]) -> Selection<'_> {
         let hostname = format!("{name}.{namespace}.svc.{cluster_domain}").to_ascii_lowercase();
+        let all: Vec<&CompiledRule> = self
+            .rules
+            .iter()
+            .filter(|r| namespaces.contains(&r.namespace.as_str()) && r.pattern.matches(&hostname))
+            .collect();
         let mut seen: Vec<&str> = Vec::new();
         for ns in namespaces {
             if seen.contains(ns) {
                 continue;
             }
             seen.push(ns);
-            let mut candidates: Vec<&CompiledRule> = self
-                .rules
-                .iter()
-                .filter(|r| r.namespace == *ns && r.pattern.matches(&hostname))
-                .collect();
+            let mut candidates: Vec<&CompiledRule> = all.iter().copied().filter(|r| r.namespace == *ns).collect();
             if candidates.is_empty() {
                 continue;
             }
@@ -654,11 +659,13 @@ impl DrIndex {
             return Selection {
                 rule: Some(best),
                 shadowed,
+                candidates: all,
             };
         }
         Selection {
             rule: None,
             shadowed: Vec::new(),
+            candidates: all,
         }
     }
 }
@@ -1731,7 +1738,13 @@ status: {{podIP: 127.1.0.2}}
             "  host: '*.ns1.svc.cluster.local'\n  trafficPolicy: {connectionPool: {http: {maxRetries: 4}}}",
         );
         let lb = |text: String| policy(&parse(&text).unwrap(), 80, None);
-        assert_eq!(lb(config(&format!("{root}{wp_ns}{svc_ns}"))).lb, LbPolicy::Random);
+        let snap = parse(&config(&format!("{root}{wp_ns}{svc_ns}"))).unwrap();
+        assert_eq!(policy(&snap, 80, None).lb, LbPolicy::Random);
+        assert!(
+            snap.warnings.is_empty(),
+            "overridden rules still select the Service: {:?}",
+            snap.warnings
+        );
         assert_eq!(lb(config(&format!("{root}{wp_ns}"))).lb, LbPolicy::LeastRequest);
         assert_eq!(lb(config(&root)).pool.max_retries, Some(4));
         // A short host in another namespace means a Service of that namespace, not ns1's.

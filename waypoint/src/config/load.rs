@@ -422,8 +422,10 @@ fn compile(
             &settings.cluster_domain,
             &[ns, lookup[0], lookup[1]],
         );
-        if let Some(rule) = selection.rule {
+        for rule in &selection.candidates {
             used_rules.insert((rule.namespace.clone(), rule.name.clone()));
+        }
+        if let Some(rule) = selection.rule {
             tracing::debug!(service = %format!("{ns}/{}", svc.metadata.name), rule = %rule.object(), "DestinationRule applies");
         }
         for shadowed in &selection.shadowed {
