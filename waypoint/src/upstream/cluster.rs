@@ -194,6 +194,11 @@ impl Registry {
         source_ip
     }
 
+    #[cfg(test)]
+    pub(crate) fn set_own(&self, own: Own) {
+        self.own.store(Arc::new(own));
+    }
+
     /// Generation of the last snapshot prepared (0 before the first).
     pub fn prepared(&self) -> u64 {
         self.prepared.load(Ordering::Acquire)
@@ -724,5 +729,531 @@ impl InFlight {
     /// The attempt in flight, cleared.
     pub fn take(&self) -> Option<(Arc<BackendRuntime>, usize)> {
         lock(&self.0).take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::Path;
+
+    use http::Request;
+
+    use super::*;
+    use crate::config::PortProtocol;
+    use crate::config::policy::{ConnectionPool, LocalityLb, OutlierPolicy};
+    use crate::upstream::test_support::{backend, endpoint};
+
+    fn addrs(n: u8) -> Vec<SocketAddr> {
+        (1..=n).map(|i| SocketAddr::from(([10, 0, 0, i], 80))).collect()
+    }
+
+    fn policy(lb: LbPolicy) -> TrafficPolicy {
+        TrafficPolicy {
+            lb,
+            ..TrafficPolicy::default()
+        }
+    }
+
+    fn outlier(max_percent: u32) -> Option<OutlierPolicy> {
+        Some(OutlierPolicy {
+            consecutive_5xx: Some(2),
+            max_ejection_percent: max_percent,
+            ..OutlierPolicy::default()
+        })
+    }
+
+    fn eject(rt: &BackendRuntime, i: usize) {
+        rt.report(i, Outcome::LocalFailure);
+        rt.report(i, Outcome::LocalFailure);
+        let ns = rt.state.detector.nanos(Instant::now());
+        assert!(rt.eps[i].outlier.is_ejected(ns), "endpoint {i} should be ejected");
+    }
+
+    fn counts(rt: &BackendRuntime, picks: usize, input: &PickInput<'_>) -> Vec<usize> {
+        let mut c = vec![0; rt.eps.len()];
+        for _ in 0..picks {
+            c[rt.pick(input).unwrap()] += 1;
+        }
+        c
+    }
+
+    fn attempt(number: u32, remote_localities: bool, tried: &[SocketAddr]) -> Attempt {
+        Attempt {
+            number,
+            remote_localities,
+            tried: Arc::new(Mutex::new(tried.to_vec())),
+        }
+    }
+
+    fn share(c: &[usize], of: &[usize]) -> f64 {
+        of.iter().map(|i| c[*i]).sum::<usize>() as f64 / c.iter().sum::<usize>() as f64
+    }
+
+    #[test]
+    fn default_policy_takes_the_round_robin_cursor_path() {
+        let reg = Registry::new();
+        let b = backend("svc", PortProtocol::Http, &addrs(3), TrafficPolicy::default());
+        let rt = reg.runtime(&b);
+        assert!(rt.simple);
+        let order: Vec<usize> = (0..6).map(|_| rt.pick(&PickInput::default()).unwrap()).collect();
+        assert_eq!(order, vec![0, 1, 2, 0, 1, 2]);
+        assert!(std::ptr::eq(reg.runtime(&b), rt), "resolved once per backend object");
+        let empty = backend("none", PortProtocol::Http, &[], TrafficPolicy::default());
+        assert_eq!(reg.runtime(&empty).pick(&PickInput::default()), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejected_endpoints_are_skipped_until_their_ejection_ends() {
+        let reg = Registry::new();
+        let p = TrafficPolicy {
+            outlier: outlier(50),
+            ..TrafficPolicy::default()
+        };
+        let b = backend("svc", PortProtocol::Http, &addrs(3), p);
+        let rt = reg.runtime(&b);
+        eject(rt, 0);
+        assert_eq!(
+            counts(rt, 300, &PickInput::default()),
+            vec![0, 150, 150],
+            "round robin over the other two"
+        );
+        // Default base ejection 30 s, interval 10 s: back at the 30 s sweep.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(counts(rt, 300, &PickInput::default()), vec![100, 100, 100]);
+        assert!(!rt.state.detector.any_ejected(), "the return was booked");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn all_ejected_means_no_endpoint_unless_below_min_health() {
+        let reg = Registry::new();
+        let b = backend(
+            "svc",
+            PortProtocol::Http,
+            &addrs(1),
+            TrafficPolicy {
+                outlier: outlier(100),
+                ..TrafficPolicy::default()
+            },
+        );
+        let rt = reg.runtime(&b);
+        eject(rt, 0);
+        assert_eq!(
+            rt.pick(&PickInput::default()),
+            None,
+            "Istio's default minHealthPercent 0: no panic mode"
+        );
+        let mut p = TrafficPolicy {
+            outlier: outlier(100),
+            ..TrafficPolicy::default()
+        };
+        if let Some(o) = p.outlier.as_mut() {
+            o.min_health_percent = 50;
+        }
+        let panicky = backend("svc", PortProtocol::Http, &addrs(1), p);
+        let rt = reg.runtime(&panicky);
+        assert!(
+            rt.eps[0].outlier.is_ejected(rt.state.detector.nanos(Instant::now())),
+            "state is shared"
+        );
+        assert_eq!(rt.pick(&PickInput::default()), Some(0), "panic: ejections ignored");
+    }
+
+    #[test]
+    fn retries_avoid_endpoints_already_tried() {
+        let reg = Registry::new();
+        let a = addrs(3);
+        let header = HashKey::Header(http::HeaderName::from_static("x-user"));
+        for lb in [
+            LbPolicy::RoundRobin,
+            LbPolicy::Random,
+            LbPolicy::LeastRequest,
+            LbPolicy::Hash {
+                key: header.clone(),
+                algo: HashAlgo::Ring { min_size: 1024 },
+            },
+            LbPolicy::Hash {
+                key: header.clone(),
+                algo: HashAlgo::Maglev { table_size: 65537 },
+            },
+        ] {
+            let b = backend(&format!("{lb:?}"), PortProtocol::Http, &a, policy(lb.clone()));
+            let rt = reg.runtime(&b);
+            let hash = Some(xxh64(b"alice", 0));
+            let first = rt.pick(&PickInput { hash, attempt: None }).unwrap();
+            let retry = attempt(2, false, &[a[first]]);
+            for _ in 0..50 {
+                let i = rt
+                    .pick(&PickInput {
+                        hash,
+                        attempt: Some(&retry),
+                    })
+                    .unwrap();
+                assert_ne!(i, first, "{lb:?}");
+            }
+            // Everything tried: an endpoint is still chosen.
+            let all = attempt(4, false, &a);
+            assert!(
+                rt.pick(&PickInput {
+                    hash,
+                    attempt: Some(&all)
+                })
+                .is_some(),
+                "{lb:?}"
+            );
+            // The first attempt is not constrained.
+            let first_try = attempt(1, false, &[]);
+            assert!(
+                rt.pick(&PickInput {
+                    hash,
+                    attempt: Some(&first_try)
+                })
+                .is_some()
+            );
+        }
+    }
+
+    #[test]
+    fn least_request_counts_requests_in_flight() {
+        let reg = Registry::new();
+        let b = backend("svc", PortProtocol::Http, &addrs(2), policy(LbPolicy::LeastRequest));
+        let rt = reg.runtime(&b);
+        let busy = rt.begin(0).unwrap();
+        assert_eq!(counts(rt, 100, &PickInput::default()), vec![0, 100]);
+        drop(busy);
+        assert_eq!(rt.eps[0].active.load(Ordering::Relaxed), 0);
+        let c = counts(rt, 10_000, &PickInput::default());
+        assert!(c[0].abs_diff(5000) < 500, "{c:?}");
+        let rr = backend("rr", PortProtocol::Http, &addrs(2), TrafficPolicy::default());
+        assert!(reg.runtime(&rr).begin(0).is_none(), "only least request counts");
+    }
+
+    fn parts(uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut r = Request::builder().uri(uri);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn hash_keys_from_header_cookie_query_and_source() {
+        let reg = Registry::new();
+        let hashed = |name: &str, key: HashKey| {
+            backend(
+                name,
+                PortProtocol::Http,
+                &addrs(5),
+                policy(LbPolicy::Hash {
+                    key,
+                    algo: HashAlgo::Ring { min_size: 1024 },
+                }),
+            )
+        };
+        let b = hashed("header", HashKey::Header(http::HeaderName::from_static("x-user")));
+        let rt = reg.runtime(&b);
+        let (h, cookie) = rt.request_hash(&parts("/", &[("x-user", "alice")]), None);
+        assert_eq!((h, cookie), (Some(xxh64(b"alice", 0)), None));
+        assert_eq!(rt.request_hash(&parts("/", &[]), None), (None, None));
+        let first = rt.pick(&PickInput { hash: h, attempt: None });
+        for _ in 0..20 {
+            assert_eq!(
+                rt.pick(&PickInput { hash: h, attempt: None }),
+                first,
+                "same key, same endpoint"
+            );
+        }
+
+        let b = hashed("query", HashKey::Query("user".into()));
+        let rt = reg.runtime(&b);
+        assert_eq!(
+            rt.request_hash(&parts("/p?a=1&user=bob", &[]), None).0,
+            Some(xxh64(b"bob", 0))
+        );
+        assert_eq!(rt.request_hash(&parts("/p?users=bob", &[]), None).0, None);
+
+        let b = hashed("ip", HashKey::SourceIp);
+        let rt = reg.runtime(&b);
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(
+            rt.request_hash(&parts("/", &[]), Some(ip)).0,
+            Some(xxh64(&[10, 1, 2, 3], 0))
+        );
+        assert_eq!(rt.connection_hash(Some(ip)), Some(xxh64(&[10, 1, 2, 3], 0)));
+
+        let b = hashed(
+            "cookie",
+            HashKey::Cookie {
+                name: "session".into(),
+                path: Some("/".into()),
+                ttl: Some(Duration::from_secs(60)),
+            },
+        );
+        let rt = reg.runtime(&b);
+        let (h, set) = rt.request_hash(&parts("/", &[("cookie", "a=1; session=\"xyz\"")]), None);
+        assert_eq!(
+            (h, set),
+            (Some(xxh64(b"xyz", 0)), None),
+            "quotes removed, no new cookie"
+        );
+        let (h, set) = rt.request_hash(&parts("/", &[("cookie", "a=1")]), None);
+        let set = set.unwrap();
+        let set = set.to_str().unwrap();
+        let value = set.strip_prefix("session=").unwrap().split(';').next().unwrap();
+        assert_eq!(value.len(), 16);
+        assert_eq!(set, format!("session={value}; Path=/; Max-Age=60; HttpOnly"));
+        assert_eq!(
+            h,
+            Some(xxh64(value.as_bytes(), 0)),
+            "the request hashes on the cookie it is given"
+        );
+        let b = hashed(
+            "cookie-no-ttl",
+            HashKey::Cookie {
+                name: "session".into(),
+                path: None,
+                ttl: None,
+            },
+        );
+        assert_eq!(reg.runtime(&b).request_hash(&parts("/", &[]), None), (None, None));
+    }
+
+    #[test]
+    fn maglev_moves_only_the_keys_of_an_ejected_endpoint() {
+        let reg = Registry::new();
+        let p = TrafficPolicy {
+            lb: LbPolicy::Hash {
+                key: HashKey::SourceIp,
+                algo: HashAlgo::Maglev { table_size: 65537 },
+            },
+            outlier: outlier(50),
+            ..TrafficPolicy::default()
+        };
+        let b = backend("svc", PortProtocol::Http, &addrs(4), p);
+        let rt = reg.runtime(&b);
+        let keys: Vec<u64> = (0..2000u32).map(|i| xxh64(&i.to_le_bytes(), 0)).collect();
+        let before: Vec<usize> = keys
+            .iter()
+            .map(|h| {
+                rt.pick(&PickInput {
+                    hash: Some(*h),
+                    attempt: None,
+                })
+                .unwrap()
+            })
+            .collect();
+        eject(rt, 1);
+        for (h, was) in keys.iter().zip(&before) {
+            let now = rt
+                .pick(&PickInput {
+                    hash: Some(*h),
+                    attempt: None,
+                })
+                .unwrap();
+            if *was == 1 {
+                assert_ne!(now, 1);
+            } else {
+                assert_eq!(now, *was, "keys of healthy endpoints stay");
+            }
+        }
+    }
+
+    #[test]
+    fn state_survives_a_config_swap() {
+        let reg = Registry::new();
+        let p1 = TrafficPolicy {
+            outlier: outlier(50),
+            pool: ConnectionPool {
+                max_connections: Some(1),
+                ..ConnectionPool::default()
+            },
+            ..TrafficPolicy::default()
+        };
+        let b1 = backend("svc", PortProtocol::Http, &addrs(3), p1);
+        let rt1 = reg.runtime(&b1).clone();
+        eject(&rt1, 0);
+        let permit = rt1.state.gate.try_connection().unwrap();
+        assert!(rt1.state.gate.try_connection().is_err());
+        // The next snapshot's backend: a new object, the same key, a new policy and one more endpoint.
+        let p2 = TrafficPolicy {
+            outlier: outlier(50),
+            pool: ConnectionPool {
+                max_connections: Some(5),
+                ..ConnectionPool::default()
+            },
+            ..TrafficPolicy::default()
+        };
+        let b2 = backend("svc", PortProtocol::Http, &addrs(4), p2);
+        let rt2 = reg.runtime(&b2);
+        assert!(Arc::ptr_eq(&rt1.state, &rt2.state));
+        assert!(Arc::ptr_eq(&rt1.eps[0], &rt2.eps[0]));
+        assert!(rt2.eps[0].outlier.is_ejected(rt2.state.detector.nanos(Instant::now())));
+        assert_eq!(counts(rt2, 300, &PickInput::default())[0], 0);
+        assert_eq!(rt2.state.breaker().limits().max_connections, Some(5));
+        assert_eq!(rt2.state.breaker().in_use()[0], 1, "in-flight counts carry over");
+        drop(permit);
+        assert_eq!(rt2.state.breaker().in_use()[0], 0);
+        // A subset is another backend with its own state.
+        let mut sub = backend("svc", PortProtocol::Http, &addrs(3), TrafficPolicy::default());
+        sub.subset = Some("v1".into());
+        assert!(!Arc::ptr_eq(&reg.runtime(&sub).state, &rt1.state));
+    }
+
+    const CONFIG: &str = "apiVersion: waypoint.istio.io/v1alpha1
+kind: WaypointConfig
+metadata: {name: wp, namespace: infra}
+spec:
+  listeners: {hbone: 127.0.0.1:15008}
+  tls: {certFile: c.pem, keyFile: k.pem, rootsFile: r.pem}
+";
+
+    fn service(name: &str, ip: &str, pod_ip: &str) -> String {
+        format!(
+            "---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: ns1}}
+spec:
+  clusterIP: {ip}
+  selector: {{app: {name}}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}-1, namespace: ns1, labels: {{app: {name}}}}}
+status: {{podIP: {pod_ip}}}
+"
+        )
+    }
+
+    #[test]
+    fn prepare_keeps_state_of_untouched_backends_and_drops_state_no_snapshot_uses() {
+        let reg = Registry::new();
+        let both = format!(
+            "{CONFIG}{}{}",
+            service("a", "10.96.0.1", "10.1.0.1"),
+            service("b", "10.96.0.2", "10.1.0.2")
+        );
+        let snap1 = crate::config::parse_config("t.yaml", Path::new("/"), &both, 1).unwrap();
+        reg.prepare(&snap1);
+        let keys = |reg: &Registry| -> Vec<String> { reg.dump().as_object().unwrap().keys().cloned().collect() };
+        assert!(keys(&reg).contains(&"ns1/a:80".to_string()), "{:?}", keys(&reg));
+        assert!(keys(&reg).contains(&"ns1/b:80".to_string()));
+        let a1 = &snap1.service(&"10.96.0.1:80".parse().unwrap()).unwrap().backend;
+        let state = reg.runtime(a1).state.clone();
+        let _permit = state.gate.try_connection().unwrap();
+
+        // Generation 2 drops b; a gets no traffic before the swap completes.
+        let only_a = format!("{CONFIG}{}", service("a", "10.96.0.1", "10.1.0.1"));
+        let snap2 = crate::config::parse_config("t.yaml", Path::new("/"), &only_a, 2).unwrap();
+        drop(snap1);
+        reg.prepare(&snap2);
+        assert!(!keys(&reg).contains(&"ns1/b:80".to_string()), "b's state is dropped");
+        let a2 = &snap2.service(&"10.96.0.1:80".parse().unwrap()).unwrap().backend;
+        assert!(Arc::ptr_eq(&reg.runtime(a2).state, &state), "a's state is kept");
+        assert_eq!(state.breaker().in_use()[0], 1);
+        assert_eq!(reg.prepared(), 2);
+    }
+
+    fn located(addr: SocketAddr, locality: &str) -> Arc<Endpoint> {
+        let mut ep = Endpoint::clone(&endpoint(addr));
+        ep.locality = Locality::parse(locality);
+        Arc::new(ep)
+    }
+
+    fn located_backend(locs: &[&str], p: TrafficPolicy) -> Backend {
+        let a = addrs(locs.len() as u8);
+        let mut b = backend("svc", PortProtocol::Http, &[], p);
+        b.endpoints = a.iter().zip(locs).map(|(a, l)| located(*a, l)).collect();
+        b
+    }
+
+    fn own(locality: &str) -> Own {
+        Own {
+            locality: Locality::parse(locality),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn locality_priorities_spill_as_endpoints_are_ejected() {
+        let reg = Registry::new();
+        reg.set_own(own("us/a/1"));
+        let p = TrafficPolicy {
+            outlier: outlier(100),
+            ..TrafficPolicy::default()
+        };
+        let b = located_backend(&["us/a/1", "us/a/1", "us/b/1", "us/b/2"], p);
+        let rt = reg.runtime(&b);
+        let c = counts(rt, 1000, &PickInput::default());
+        assert_eq!(share(&c, &[0, 1]), 1.0, "all local while healthy: {c:?}");
+        // Half of priority 0 out: 50 % × 1.4 = 70 % stays, 30 % spills to priority 2 (same region).
+        eject(rt, 0);
+        let c = counts(rt, 20_000, &PickInput::default());
+        assert_eq!(c[0], 0);
+        assert!((0.67..0.73).contains(&share(&c, &[1])), "{c:?}");
+        // `retryRemoteLocalities`: a retry after a local endpoint leaves the local priority.
+        let retry = attempt(2, true, &[rt.eps[1].addr]);
+        let c = counts(
+            rt,
+            200,
+            &PickInput {
+                hash: None,
+                attempt: Some(&retry),
+            },
+        );
+        assert_eq!(share(&c, &[2, 3]), 1.0, "{c:?}");
+        eject(rt, 1);
+        assert_eq!(share(&counts(rt, 1000, &PickInput::default()), &[2, 3]), 1.0);
+        // Without outlier detection there are no priorities (Istio).
+        let plain = located_backend(&["us/a/1", "eu/a/1"], TrafficPolicy::default());
+        let c = counts(reg.runtime(&plain), 100, &PickInput::default());
+        assert_eq!(c, vec![50, 50]);
+    }
+
+    #[test]
+    fn locality_distribute_weights() {
+        let reg = Registry::new();
+        reg.set_own(own("us/a/1"));
+        let p = TrafficPolicy {
+            locality: Some(LocalityLb {
+                distribute: vec![("us/*".into(), vec![("us/a/*".into(), 80), ("us/b/*".into(), 20)])],
+                ..LocalityLb::default()
+            }),
+            ..TrafficPolicy::default()
+        };
+        let b = located_backend(&["us/a/1", "us/b/1", "us/b/1", "eu/a/1"], p);
+        let c = counts(reg.runtime(&b), 20_000, &PickInput::default());
+        assert_eq!(c[3], 0, "localities no `to` matches get nothing");
+        assert!((0.77..0.83).contains(&share(&c, &[0])), "{c:?}");
+        assert!(c[1].abs_diff(c[2]) < 400, "round robin within the locality: {c:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn warmup_ramps_a_new_endpoint_up() {
+        let reg = Registry::new();
+        let p = TrafficPolicy {
+            warmup: Some(Duration::from_secs(100)),
+            ..TrafficPolicy::default()
+        };
+        let old = backend("svc", PortProtocol::Http, &addrs(3), p.clone());
+        let _ = reg.runtime(&old);
+        tokio::time::advance(Duration::from_secs(100)).await;
+        let grown = backend("svc", PortProtocol::Http, &addrs(4), p);
+        let rt = reg.runtime(&grown);
+        // Just added: the 10 % floor, 0.1 / 3.1 ≈ 3.2 % of the picks.
+        let c = counts(rt, 40_000, &PickInput::default());
+        assert!((0.025..0.040).contains(&share(&c, &[3])), "{c:?}");
+        tokio::time::advance(Duration::from_secs(50)).await;
+        // Half-way: 0.5 / 3.5 ≈ 14.3 %.
+        let c = counts(rt, 40_000, &PickInput::default());
+        assert!((0.13..0.156).contains(&share(&c, &[3])), "{c:?}");
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert_eq!(
+            counts(rt, 400, &PickInput::default()),
+            vec![100, 100, 100, 100],
+            "warm: plain round robin"
+        );
     }
 }
