@@ -239,6 +239,16 @@ pub async fn send_to_backend(
     let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
     let (hash, set_cookie) = rt.request_hash(&parts, client);
     let attempt = parts.extensions.get::<Attempt>();
+    // With outlier detection, note the attempt so a timeout that drops this future still counts; an earlier
+    // attempt still noted was dropped that way, and counts before this one picks.
+    let in_flight = rt
+        .policy
+        .outlier
+        .as_ref()
+        .and_then(|_| parts.extensions.get::<InFlight>().cloned());
+    if let Some((previous, i)) = in_flight.as_ref().and_then(InFlight::take) {
+        previous.report(i, Outcome::LocalFailure);
+    }
     let index = rt.pick(&PickInput { hash, attempt }).ok_or_else(|| {
         ProxyError::NoHealthyUpstream(format!("{}/{}:{}", backend.namespace, backend.service, backend.port))
     })?;
@@ -248,16 +258,8 @@ pub async fn send_to_backend(
     if let Some(a) = attempt {
         a.record(ep.addr);
     }
-    // With outlier detection, note the attempt so a timeout that drops this future is still counted.
-    let in_flight = rt
-        .policy
-        .outlier
-        .as_ref()
-        .and_then(|_| parts.extensions.get::<InFlight>().cloned());
-    if let Some(slot) = &in_flight
-        && let Some((previous, i)) = slot.start(rt.clone(), index)
-    {
-        previous.report(i, Outcome::LocalFailure);
+    if let Some(slot) = &in_flight {
+        slot.start(rt.clone(), index);
     }
     let active = rt.begin(index);
     let proto = match backend.protocol {
@@ -450,6 +452,90 @@ fn request_id() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::policy::{HashAlgo, HashKey, LbPolicy, OutlierPolicy, TrafficPolicy};
+    use crate::upstream::test_support::{backend, body, get, server, upstream};
+
+    #[tokio::test]
+    async fn responses_feed_outlier_detection_and_the_balancer_avoids_the_ejected_endpoint() {
+        let up = upstream();
+        let (good, bad) = (server(false).await, server(false).await);
+        bad.status.store(503, std::sync::atomic::Ordering::SeqCst);
+        let policy = TrafficPolicy {
+            outlier: Some(OutlierPolicy {
+                consecutive_5xx: None,
+                consecutive_gateway: Some(2),
+                max_ejection_percent: 50,
+                ..OutlierPolicy::default()
+            }),
+            ..TrafficPolicy::default()
+        };
+        let b = backend("svc", PortProtocol::Http, &[good.addr, bad.addr], policy);
+        let mut statuses = Vec::new();
+        for _ in 0..10 {
+            let resp = send_to_backend(&up, &b, get("/")).await.unwrap();
+            statuses.push(resp.status().as_u16());
+            body(resp).await;
+        }
+        // Round robin: good, bad, good, bad (second gateway error: ejected), then good only.
+        assert_eq!(statuses, vec![200, 503, 200, 503, 200, 200, 200, 200, 200, 200]);
+        let dump = up.registry.dump();
+        let eps = dump["ns/svc:80"]["endpoints"].as_array().unwrap();
+        let bad_ep = eps.iter().find(|e| e["address"] == bad.addr.to_string()).unwrap();
+        assert_eq!(bad_ep["ejected"], true, "{dump}");
+        assert_eq!(bad_ep["timesEjected"], 1);
+    }
+
+    #[tokio::test]
+    async fn a_hash_cookie_is_set_when_absent_and_sticks() {
+        let up = upstream();
+        let servers = [server(false).await, server(false).await, server(false).await];
+        let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+        let policy = TrafficPolicy {
+            lb: LbPolicy::Hash {
+                key: HashKey::Cookie {
+                    name: "sticky".into(),
+                    path: Some("/".into()),
+                    ttl: Some(std::time::Duration::from_secs(30)),
+                },
+                algo: HashAlgo::Ring { min_size: 1024 },
+            },
+            ..TrafficPolicy::default()
+        };
+        let b = backend("svc", PortProtocol::Http, &addrs, policy);
+        let resp = send_to_backend(&up, &b, get("/")).await.unwrap();
+        let cookie = resp.headers()[header::SET_COOKIE].to_str().unwrap().to_string();
+        let first = body(resp).await;
+        let pair = cookie.split(';').next().unwrap().to_string();
+        assert!(cookie.ends_with("; Path=/; Max-Age=30; HttpOnly"), "{cookie}");
+        for _ in 0..5 {
+            let mut req = get("/");
+            req.headers_mut()
+                .insert(header::COOKIE, HeaderValue::try_from(pair.as_str()).unwrap());
+            let resp = send_to_backend(&up, &b, req).await.unwrap();
+            assert!(resp.headers().get(header::SET_COOKIE).is_none());
+            assert_eq!(body(resp).await, first, "the cookie keeps the client on its endpoint");
+        }
+    }
+
+    #[tokio::test]
+    async fn least_request_releases_the_count_when_the_body_ends() {
+        let up = upstream();
+        let s = server(false).await;
+        let b = backend(
+            "svc",
+            PortProtocol::Http,
+            &[s.addr],
+            TrafficPolicy {
+                lb: LbPolicy::LeastRequest,
+                ..TrafficPolicy::default()
+            },
+        );
+        let resp = send_to_backend(&up, &b, get("/")).await.unwrap();
+        let rt = up.runtime(&b);
+        assert_eq!(rt.eps[0].active.load(std::sync::atomic::Ordering::Relaxed), 1);
+        body(resp).await;
+        assert_eq!(rt.eps[0].active.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {

@@ -63,7 +63,8 @@ pub fn stack(upstream: Arc<Upstream>, authz_counters: Arc<DecisionCounters>) -> 
 /// breaker layer and the retry layer find the backend's `Arc<CircuitBreaker>` in the extensions (only when its
 /// policy limits requests or retries: absent means unlimited, and the default path stays allocation-free).
 /// With outlier detection, an [`InFlight`] slot lets a timeout, which drops the attempt before it can report,
-/// still count against the endpoint: the next attempt reports it, or this layer when the request timed out.
+/// still count against the endpoint (Envoy counts timeouts as local-origin failures): the next attempt reports
+/// it, or this layer once the request is answered.
 #[derive(Clone)]
 pub struct BackendStateLayer {
     pub upstream: Arc<Upstream>,
@@ -119,9 +120,9 @@ where
         };
         Box::pin(async move {
             let resp = fut.await?;
-            if resp.extensions().get::<ResponseFlag>() == Some(&ResponseFlag("UT"))
-                && let Some((rt, index)) = slot.take()
-            {
+            // An attempt still marked in flight never finished: a timeout dropped it (a client that goes away
+            // drops this future too, and nothing is reported).
+            if let Some((rt, index)) = slot.take() {
                 rt.report(index, Outcome::LocalFailure);
             }
             Ok(resp)
@@ -234,5 +235,108 @@ pub async fn call(mut stack: HttpService, req: Request<Body>) -> Response<Body> 
     match stack.call(req).await {
         Ok(r) => r,
         Err(never) => match never {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::Path;
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::upstream::test_support::{get, server, upstream};
+
+    fn config(pod_ip: std::net::IpAddr, port: u16) -> String {
+        format!(
+            "apiVersion: waypoint.istio.io/v1alpha1
+kind: WaypointConfig
+metadata: {{name: wp, namespace: infra}}
+spec:
+  listeners: {{hbone: 127.0.0.1:15008}}
+  tls: {{certFile: c.pem, keyFile: k.pem, rootsFile: r.pem}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: a, namespace: ns1}}
+spec:
+  clusterIP: 10.96.0.1
+  selector: {{app: a}}
+  ports: [{{name: http, port: 80, targetPort: {port}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: a-1, namespace: ns1, labels: {{app: a}}}}
+status: {{podIP: {pod_ip}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: a, namespace: ns1}}
+spec:
+  hosts: [a]
+  http:
+  - timeout: 10s
+    retries: {{attempts: 3, perTryTimeout: 50ms, retryOn: 5xx}}
+    route: [{{destination: {{host: a}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: a, namespace: ns1}}
+spec:
+  host: a
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 3, maxEjectionPercent: 100}}
+"
+        )
+    }
+
+    #[tokio::test]
+    async fn attempts_cut_by_timeouts_count_for_outlier_detection() {
+        let s = server(false).await;
+        s.gate.forget_permits(tokio::sync::Semaphore::MAX_PERMITS);
+        let text = config(s.addr.ip(), s.addr.port());
+        let snapshot = Arc::new(crate::config::parse_config("t.yaml", Path::new("/"), &text, 1).unwrap());
+        let up = upstream();
+        up.prepare(&snapshot);
+        let binding = snapshot.service(&"10.96.0.1:80".parse().unwrap()).unwrap();
+        let table = binding
+            .routes
+            .as_ref()
+            .and_then(|r| r.table_for("ns1"))
+            .unwrap()
+            .clone();
+        let mut req = get("/");
+        req.extensions_mut().insert(table);
+        let mirrors: Arc<dyn MirrorSink> = Arc::new(Mirrors {
+            upstream: up.clone(),
+            snapshot: snapshot.clone(),
+        });
+        req.extensions_mut().insert(mirrors);
+        req.extensions_mut().insert(snapshot.clone());
+        let stack = stack(up.clone(), Arc::new(DecisionCounters::default()));
+        let resp = call(stack, req).await;
+        // `attempts: 3` is three retries: the first three attempts are cut by the per-try timeout, which ejects
+        // the endpoint (consecutive5xxErrors 3), so the fourth finds no healthy endpoint (no panic threshold).
+        assert_eq!(s.requests.load(Ordering::SeqCst), 3);
+        assert_eq!(resp.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.extensions().get::<ResponseFlag>(), Some(&ResponseFlag("UH")));
+        let dump = up.registry.dump();
+        let ep = &dump["ns1/a:80"]["endpoints"][0];
+        assert_eq!(ep["ejected"], true, "{dump}");
+        assert_eq!(ep["timesEjected"], 1, "{dump}");
+        let mut req = get("/");
+        let table = binding
+            .routes
+            .as_ref()
+            .and_then(|r| r.table_for("ns1"))
+            .unwrap()
+            .clone();
+        req.extensions_mut().insert(table);
+        req.extensions_mut().insert(snapshot.clone());
+        let resp = call(super::stack(up.clone(), Arc::new(DecisionCounters::default())), req).await;
+        assert_eq!(resp.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.extensions().get::<ResponseFlag>(), Some(&ResponseFlag("UH")));
+        s.gate.add_permits(10);
     }
 }

@@ -721,9 +721,9 @@ fn cookie<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h str> {
 pub struct InFlight(Arc<Mutex<Option<(Arc<BackendRuntime>, usize)>>>);
 
 impl InFlight {
-    /// Records the attempt now starting; returns the previous attempt if it never finished (it timed out).
-    pub fn start(&self, rt: Arc<BackendRuntime>, index: usize) -> Option<(Arc<BackendRuntime>, usize)> {
-        lock(&self.0).replace((rt, index))
+    /// Records the attempt now starting (after [`InFlight::take`] collected any earlier one).
+    pub fn start(&self, rt: Arc<BackendRuntime>, index: usize) {
+        *lock(&self.0) = Some((rt, index));
     }
 
     /// The attempt in flight, cleared.
