@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::future::Either;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use tower::util::BoxCloneSyncService;
@@ -94,31 +95,35 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    /// The inner future itself on the default path (no extra allocation), boxed with the outlier report after.
+    type Future = Either<S::Future, waypoint_filters::ResponseFuture>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let mut in_flight = None;
-        if let Ok(backend) = backend_of(&req) {
-            let rt = self.upstream.runtime(&backend);
-            let pool = &rt.policy.pool;
-            if pool.max_requests.is_some() || pool.max_retries.is_some() {
-                req.extensions_mut().insert(rt.state.breaker().clone());
+        // Borrowed, not cloned: no reference count traffic on the shared backend per request.
+        let (breaker, outlier) = match chosen(&req) {
+            Some(backend) => {
+                let rt = self.upstream.runtime(backend);
+                let pool = &rt.policy.pool;
+                let limited = pool.max_requests.is_some() || pool.max_retries.is_some();
+                (limited.then(|| rt.state.breaker().clone()), rt.policy.outlier.is_some())
             }
-            if rt.policy.outlier.is_some() {
-                let slot = InFlight::default();
-                req.extensions_mut().insert(slot.clone());
-                in_flight = Some(slot);
-            }
-        }
-        let fut = call_boxed(&mut self.inner, req);
-        let Some(slot) = in_flight else {
-            return fut;
+            None => (None, false),
         };
-        Box::pin(async move {
+        if let Some(breaker) = breaker {
+            req.extensions_mut().insert(breaker);
+        }
+        if !outlier {
+            let clone = self.inner.clone();
+            return Either::Left(std::mem::replace(&mut self.inner, clone).call(req));
+        }
+        let slot = InFlight::default();
+        req.extensions_mut().insert(slot.clone());
+        let fut = call_boxed(&mut self.inner, req);
+        Either::Right(Box::pin(async move {
             let resp = fut.await?;
             // An attempt still marked in flight never finished: a timeout dropped it (a client that goes away
             // drops this future too, and nothing is reported).
@@ -126,8 +131,14 @@ where
                 rt.report(index, Outcome::LocalFailure);
             }
             Ok(resp)
-        })
+        }))
     }
+}
+
+/// The chosen backend, borrowed from the request's snapshot.
+fn chosen(req: &Request<Body>) -> Option<&Arc<Backend>> {
+    let id = req.extensions().get::<ChosenBackend>()?.backend?;
+    req.extensions().get::<Arc<Snapshot>>()?.backend(id)
 }
 
 /// Calls the service `poll_ready` readied (leaving a clone for the next call) and boxes its future, in a plain

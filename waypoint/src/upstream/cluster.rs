@@ -294,9 +294,12 @@ struct Level {
 struct Health {
     version: u64,
     ejected: usize,
-    /// (healthy, total) per level, and per locality of each level.
-    levels: Vec<((usize, usize), Vec<(usize, usize)>)>,
+    /// Per level: its (healthy, total), and that of each of its localities.
+    levels: Vec<(Count, Vec<Count>)>,
 }
+
+/// (healthy, total) endpoints.
+type Count = (usize, usize);
 
 /// A backend's balancer for one snapshot, over the registry's long-lived state.
 pub struct BackendRuntime {
@@ -718,7 +721,10 @@ fn cookie<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h str> {
 /// attempt's future before it can report, so whoever sees the timeout (the next attempt, or the layer
 /// outside the retries) reports it from here. Inserted only for backends with outlier detection.
 #[derive(Clone, Default)]
-pub struct InFlight(Arc<Mutex<Option<(Arc<BackendRuntime>, usize)>>>);
+pub struct InFlight(Arc<Mutex<Option<Attempted>>>);
+
+/// An endpoint (index) of a backend runtime.
+pub type Attempted = (Arc<BackendRuntime>, usize);
 
 impl InFlight {
     /// Records the attempt now starting (after [`InFlight::take`] collected any earlier one).
@@ -727,7 +733,7 @@ impl InFlight {
     }
 
     /// The attempt in flight, cleared.
-    pub fn take(&self) -> Option<(Arc<BackendRuntime>, usize)> {
+    pub fn take(&self) -> Option<Attempted> {
         lock(&self.0).take()
     }
 }
