@@ -68,7 +68,18 @@ impl<S: HttpService> Service<Request<Body>> for BackendService<S> {
                 req.extensions_mut().insert(chosen);
                 return call_ready(&mut self.inner, req);
             }
-            Decision::Direct(direct) => direct_reply(&direct),
+            Decision::Direct(direct) => {
+                let mut reply = direct_reply(&direct);
+                // Envoy's router applies the route's response header edits to direct responses as well.
+                if let Some(m) = req.extensions().get::<Matched>() {
+                    for f in &m.rule.filters {
+                        if let Filter::ResponseHeaders(modifier) = f {
+                            crate::headers::apply(modifier, reply.headers_mut());
+                        }
+                    }
+                }
+                reply
+            }
             Decision::Fail(reason) => {
                 let status = match kind {
                     Some(RouteKind::VirtualService) => StatusCode::SERVICE_UNAVAILABLE,
@@ -288,5 +299,26 @@ mod tests {
         .await;
         assert_eq!(res.status(), StatusCode::IM_A_TEAPOT);
         assert_eq!(text(res).await, "teapot");
+    }
+
+    #[tokio::test]
+    async fn direct_response_carries_the_rule_response_header_edits() {
+        let modifier = crate::route::HeaderModifier {
+            set: vec![(
+                http::HeaderName::from_static("x-direct"),
+                http::HeaderValue::from_static("yes"),
+            )],
+            ..Default::default()
+        };
+        let res = call(Rule {
+            direct_response: Some(DirectResponse {
+                status: 200,
+                body: None,
+            }),
+            filters: vec![Filter::ResponseHeaders(modifier)],
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(res.headers().get("x-direct").unwrap(), "yes");
     }
 }
