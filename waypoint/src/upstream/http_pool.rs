@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::error::Error as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -158,7 +159,90 @@ struct Idle {
     expires: Instant,
 }
 
-type IdleMap = Arc<Mutex<HashMap<Key, Vec<Idle>>>>;
+/// The idle HTTP/1.1 connections, and the task that closes them when their idle timeout passes.
+struct IdlePool {
+    map: Mutex<HashMap<Key, Vec<Idle>>>,
+    epoch: Instant,
+    /// When the reaper next wakes (ns after `epoch`; `u64::MAX`: not before it is told).
+    deadline: AtomicU64,
+    wake: Notify,
+    reaper_started: AtomicBool,
+}
+
+type IdleMap = Arc<IdlePool>;
+
+impl IdlePool {
+    fn new() -> IdlePool {
+        IdlePool {
+            map: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+            deadline: AtomicU64::new(u64::MAX),
+            wake: Notify::new(),
+            reaper_started: AtomicBool::new(false),
+        }
+    }
+
+    fn nanos(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Makes sure the reaper wakes by `expires` (a connection just went idle until then). Only an expiry
+    /// earlier than the reaper's current deadline costs more than an atomic load, and with one idle timeout
+    /// per backend that is rare.
+    fn schedule(self: &Arc<Self>, expires: Instant) {
+        let at = self.nanos(expires);
+        if at >= self.deadline.load(Ordering::Acquire) {
+            return;
+        }
+        self.deadline.fetch_min(at, Ordering::AcqRel);
+        if !self.reaper_started.swap(true, Ordering::AcqRel) {
+            tokio::spawn(self.clone().reap());
+        }
+        self.wake.notify_one();
+    }
+
+    /// Closes idle connections when their idle timeout passes (the backend sees them close, as with Envoy's
+    /// `idle_timeout`), sleeping until the earliest expiry in between.
+    async fn reap(self: Arc<Self>) {
+        loop {
+            let next = self.purge(Instant::now());
+            self.deadline
+                .store(next.map_or(u64::MAX, |t| self.nanos(t)), Ordering::Release);
+            match next {
+                Some(t) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(t) => {}
+                        _ = self.wake.notified() => {}
+                    }
+                }
+                None => self.wake.notified().await,
+            }
+        }
+    }
+
+    /// Drops expired and closed idle connections; the earliest expiry left.
+    fn purge(&self, now: Instant) -> Option<Instant> {
+        let mut expired = Vec::new();
+        let mut next: Option<Instant> = None;
+        {
+            let mut map = lock(&self.map);
+            map.retain(|_, list| {
+                let (keep, gone): (Vec<Idle>, Vec<Idle>) = std::mem::take(list)
+                    .into_iter()
+                    .partition(|idle| idle.expires > now && !idle.conn.send.is_closed());
+                *list = keep;
+                expired.extend(gone);
+                for idle in list.iter() {
+                    next = Some(next.map_or(idle.expires, |n| n.min(idle.expires)));
+                }
+                !list.is_empty()
+            });
+        }
+        // Closed outside the lock.
+        drop(expired);
+        next
+    }
+}
 
 #[derive(Default)]
 struct H2Entry {
@@ -168,10 +252,18 @@ struct H2Entry {
     streams: u32,
 }
 
-#[derive(Default)]
 pub struct HttpPool {
     h1: IdleMap,
     h2: Mutex<HashMap<Key, H2Entry>>,
+}
+
+impl Default for HttpPool {
+    fn default() -> Self {
+        HttpPool {
+            h1: Arc::new(IdlePool::new()),
+            h2: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -220,10 +312,10 @@ impl HttpPool {
         }
     }
 
-    async fn checkout_h1(&self, key: &Key) -> Option<H1Conn> {
+    async fn checkout_h1(&self, key: &Key, max_requests: Option<u32>) -> Option<H1Conn> {
         loop {
             let idle = {
-                let mut pool = lock(&self.h1);
+                let mut pool = lock(&self.h1.map);
                 let list = pool.get_mut(key)?;
                 let idle = list.pop();
                 if list.is_empty() {
@@ -231,7 +323,10 @@ impl HttpPool {
                 }
                 idle?
             };
-            if idle.expires <= Instant::now() || idle.conn.send.is_closed() {
+            // A connection that already served what `maxRequestsPerConnection` allows (the limit may have
+            // been set after the connection was pooled: Envoy would have drained it with the old cluster).
+            let spent = max_requests.is_some_and(|m| idle.conn.served >= m);
+            if spent || idle.expires <= Instant::now() || idle.conn.send.is_closed() {
                 continue;
             }
             let mut conn = idle.conn;
@@ -290,7 +385,7 @@ impl HttpPool {
             let freed = gate.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Some(conn) = self.checkout_h1(key).await {
+            if let Some(conn) = self.checkout_h1(key, params.max_requests_per_connection).await {
                 return Ok((conn, true));
             }
             if let Ok(permit) = gate.try_connection() {
@@ -305,7 +400,7 @@ impl HttpPool {
 
     fn evict_idle(&self, pool_id: u64) -> bool {
         let evicted = {
-            let mut pool = lock(&self.h1);
+            let mut pool = lock(&self.h1.map);
             let key = pool
                 .iter()
                 .find(|(k, list)| k.pool == pool_id && !list.is_empty())
@@ -325,12 +420,7 @@ impl HttpPool {
 
     /// Closes idle connections past their idle timeout (also those of backends that no longer exist).
     pub fn purge_idle(&self) {
-        let now = Instant::now();
-        let mut pool = lock(&self.h1);
-        pool.retain(|_, list| {
-            list.retain(|idle| idle.expires > now && !idle.conn.send.is_closed());
-            !list.is_empty()
-        });
+        self.h1.purge(Instant::now());
     }
 
     async fn send_h1(
@@ -343,7 +433,7 @@ impl HttpPool {
         let key = Key::of(ep, params.pool_id);
         let mut req = req;
         let (conn, resp) = loop {
-            let (mut conn, reused) = match self.checkout_h1(&key).await {
+            let (mut conn, reused) = match self.checkout_h1(&key, params.max_requests_per_connection).await {
                 Some(c) => (c, true),
                 None => self.acquire_h1(upstream, params, ep, &key).await?,
             };
@@ -389,6 +479,11 @@ impl HttpPool {
     /// Takes a stream slot on the entry's connection; after the last one `maxRequestsPerConnection` allows, the
     /// next request opens a new connection.
     fn h2_take(entry: &mut H2Entry, max: Option<u32>) -> Option<http2::SendRequest<Body>> {
+        // Also when the limit came with a later config than the connection.
+        if max.is_some_and(|m| entry.streams >= m) {
+            entry.send = None;
+            return None;
+        }
         let send = entry.send.as_ref().filter(|s| !s.is_closed())?.clone();
         entry.streams += 1;
         if max.is_some_and(|m| entry.streams >= m) {
@@ -440,7 +535,7 @@ impl HttpPool {
 
     /// Idle HTTP/1.1 connections currently pooled (for tests and the admin endpoint).
     pub fn idle_h1(&self) -> usize {
-        lock(&self.h1).values().map(Vec::len).sum()
+        lock(&self.h1.map).values().map(Vec::len).sum()
     }
 }
 
@@ -460,16 +555,18 @@ impl Return {
         }
         // Only a limited backend can have pending requests; the others skip the reference count traffic.
         let gate = self.conn.gate.as_ref().filter(|g| g.limited()).cloned();
+        let expires = Instant::now() + self.idle_timeout;
         {
-            let mut pool = lock(&self.pool);
+            let mut pool = lock(&self.pool.map);
             let list = pool.entry(self.key).or_default();
             if list.len() < H1_MAX_IDLE_PER_ENDPOINT {
                 list.push(Idle {
                     conn: self.conn,
-                    expires: Instant::now() + self.idle_timeout,
+                    expires,
                 });
             }
         }
+        self.pool.schedule(expires);
         // Checked after the connection is in the pool: a request that became pending before this point is
         // either seen here or finds the connection itself (it looks after registering for the wake-up).
         if let Some(gate) = gate
@@ -728,6 +825,43 @@ mod tests {
         );
         up.http.purge_idle();
         assert_eq!(up.http.idle_h1(), 0, "expired idle connections are purged");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_when_their_idle_timeout_passes() {
+        let up = upstream();
+        let s = server(false).await;
+        let g = gate(Limits::default());
+        let p = PoolParams {
+            idle_timeout: Duration::from_millis(50),
+            ..params(&g)
+        };
+        sequential(&up, &p, s.addr, Protocol::Http1, 1).await;
+        // Closed by the pool's reaper, without another request coming along.
+        s.closed_at_least(1).await;
+        assert_eq!(up.http.idle_h1(), 0);
+        until(|| g.breaker.in_use()[0] == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_new_requests_per_connection_limit_applies_to_pooled_connections() {
+        let up = upstream();
+        let (h1, h2) = (server(false).await, server(true).await);
+        let g = gate(Limits::default());
+        for (s, proto) in [(&h1, Protocol::Http1), (&h2, Protocol::Http2)] {
+            sequential(&up, &params(&g), s.addr, proto, 3).await;
+            assert_eq!(s.connections.load(Ordering::SeqCst), 1);
+            let limited = PoolParams {
+                max_requests_per_connection: Some(1),
+                ..params(&g)
+            };
+            sequential(&up, &limited, s.addr, proto, 2).await;
+            assert_eq!(
+                s.connections.load(Ordering::SeqCst),
+                3,
+                "{proto:?}: one fresh connection per request"
+            );
+        }
     }
 
     #[tokio::test]

@@ -36,16 +36,10 @@ impl Upstream {
     }
 
     /// Once per config generation (cheap otherwise): resolves the snapshot's backends against the registry
-    /// and drops state and idle connections nothing uses any more. Returns whether requests need a
-    /// [`cluster::ClientAddr`] (a backend hashes on the client address).
+    /// and drops state nothing uses any more. Returns whether requests need a [`cluster::ClientAddr`] (a
+    /// backend hashes on the client address).
     pub fn prepare(&self, snapshot: &Snapshot) -> bool {
-        let generation = snapshot.generation;
-        let before = self.registry.prepared();
-        let source_ip = self.registry.prepare(snapshot);
-        if before != generation {
-            self.http.purge_idle();
-        }
-        source_ip
+        self.registry.prepare(snapshot)
     }
 
     /// The backend's runtime (load balancer, breaker, endpoint health) for its snapshot.
@@ -186,6 +180,24 @@ pub(crate) mod test_support {
         pub requests: Arc<AtomicUsize>,
         pub gate: Arc<Semaphore>,
         pub status: Arc<std::sync::atomic::AtomicU16>,
+        /// Connections closed so far, and a signal on each close.
+        pub closed: Arc<AtomicUsize>,
+        pub on_close: Arc<tokio::sync::Notify>,
+    }
+
+    impl Server {
+        /// Waits until at least `n` connections have closed.
+        pub async fn closed_at_least(&self, n: usize) {
+            loop {
+                let notified = self.on_close.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.closed.load(Ordering::SeqCst) >= n {
+                    return;
+                }
+                notified.await;
+            }
+        }
     }
 
     pub async fn server(h2: bool) -> Server {
@@ -195,18 +207,23 @@ pub(crate) mod test_support {
         let requests = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
         let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let on_close = Arc::new(tokio::sync::Notify::new());
         let s = Server {
             addr,
             connections: connections.clone(),
             requests: requests.clone(),
             gate: gate.clone(),
             status: status.clone(),
+            closed: closed.clone(),
+            on_close: on_close.clone(),
         };
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { return };
                 connections.fetch_add(1, Ordering::SeqCst);
                 let (requests, gate, status) = (requests.clone(), gate.clone(), status.clone());
+                let (closed, on_close) = (closed.clone(), on_close.clone());
                 let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
                     let (requests, gate, status) = (requests.clone(), gate.clone(), status.clone());
                     async move {
@@ -228,6 +245,8 @@ pub(crate) mod test_support {
                             .serve_connection(io, svc)
                             .await;
                     }
+                    closed.fetch_add(1, Ordering::SeqCst);
+                    on_close.notify_waiters();
                 });
             }
         });
