@@ -99,30 +99,25 @@ pub fn rehash(hash: u64, attempt: u64) -> u64 {
 /// Envoy's ring hash: every endpoint owns points on a 64-bit ring; a key goes to the owner of the first point
 /// at or after its hash.
 ///
-/// Envoy sizes the ring so that it holds at least `minimum_ring_size` points and gives each endpoint an equal
-/// share, which re-places every endpoint's points whenever the endpoint count changes. Here each endpoint's
-/// point count is that share rounded up to a power of two, so adding or removing one endpoint leaves the
-/// others' points where they were (unless the count crosses a power of two) and only the removed endpoint's
-/// keys move, about 1/N of them.
+/// Envoy spreads `minimumRingSize` points over all endpoints, so every endpoint's share (and its points) moves
+/// whenever the endpoint count changes. Here every endpoint gets `minimumRingSize` points of its own (fewer
+/// only beyond 256 endpoints, to bound the ring at 2¹⁸ points), so an endpoint's points depend on its address
+/// alone: removing one endpoint moves exactly its keys, adding one takes keys only for itself.
 #[derive(Debug)]
 pub struct Ring {
     /// (point hash, member index), sorted by hash.
     points: Vec<(u64, u32)>,
 }
 
-/// Envoy's `maximum_ring_size` default.
-const MAX_RING: usize = 8 * 1024 * 1024;
+/// Bound on the ring's points (16 bytes each).
+const MAX_RING: usize = 1 << 18;
 
 impl Ring {
     pub fn build(members: &[SocketAddr], min_size: usize) -> Ring {
         if members.is_empty() {
             return Ring { points: Vec::new() };
         }
-        let per = min_size
-            .max(1)
-            .div_ceil(members.len())
-            .next_power_of_two()
-            .min((MAX_RING / members.len()).max(1));
+        let per = min_size.clamp(1, (MAX_RING / members.len()).max(1));
         let mut points = Vec::with_capacity(per * members.len());
         let mut name = String::with_capacity(48);
         for (m, addr) in members.iter().enumerate() {
@@ -295,8 +290,20 @@ mod tests {
     }
 
     #[test]
+    fn ring_keys_of_remaining_endpoints_never_move() {
+        let all = addrs(4);
+        let (before, after) = (Ring::build(&all, 1024), Ring::build(&all[..3], 1024));
+        for k in key_hashes(10_000) {
+            let was = before.walk(k).next().unwrap();
+            if was != 3 {
+                assert_eq!(after.walk(k).next().unwrap(), was);
+            }
+        }
+    }
+
+    #[test]
     fn ring_removing_one_of_n_moves_about_one_nth_of_the_keys() {
-        for n in [5, 10, 20] {
+        for n in [3, 4, 5, 10, 20] {
             let f = moved(n, ring_table);
             assert!(f < 2.0 / n as f64, "n={n}: {f} of keys moved");
             assert!(
@@ -308,7 +315,7 @@ mod tests {
 
     #[test]
     fn maglev_removing_one_of_n_moves_about_one_nth_of_the_keys() {
-        for n in [5, 10, 20] {
+        for n in [3, 4, 5, 10, 20] {
             let f = moved(n, maglev_table);
             assert!(f < 2.0 / n as f64, "n={n}: {f} of keys moved");
             assert!(f > 0.3 / n as f64, "n={n}: only {f} moved");
