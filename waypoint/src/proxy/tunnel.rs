@@ -79,7 +79,7 @@ pub async fn handle(
             );
             return;
         }
-        match super::tcp::connect_upstream(&ctx, &binding, &tunnel).await {
+        match super::tcp::connect_upstream(&ctx.upstream, &binding, tunnel.conn.source_ip).await {
             Ok(up) => Some(up),
             Err(e) => {
                 refuse(&mut respond, e.status(), &peer, &format!("{} ({})", e, e.flag()));
@@ -133,7 +133,7 @@ async fn run_detected(ctx: Arc<Ctx>, tunnel: Arc<TunnelInfo>, io: H2Stream, decl
                 tracing::info!(vip = %tunnel.vip, peer = %tunnel.peer.identity, flags = "RBAC", "opaque tunnel denied by policy; closed");
                 return;
             }
-            match super::tcp::connect_upstream(&ctx, &binding, &tunnel).await {
+            match super::tcp::connect_upstream(&ctx.upstream, &binding, tunnel.conn.source_ip).await {
                 Ok(up) => super::tcp::splice(&ctx, &tunnel, io, up).await,
                 Err(e) => {
                     tracing::info!(vip = %tunnel.vip, flags = e.flag(), reason = %e, "opaque tunnel upstream failed; closed")

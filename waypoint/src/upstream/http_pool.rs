@@ -7,7 +7,11 @@
 //!   connections older than the backend's `idleTimeout` are closed rather than reused; after
 //!   `maxRequestsPerConnection` requests a connection is closed instead of returned.
 //! * HTTP/2 (h2c inside the tunnel): one multiplexed connection per endpoint, reopened when it dies, and
-//!   replaced by a new one after `maxRequestsPerConnection` streams (the old one finishes its streams).
+//!   replaced by a new one after `maxRequestsPerConnection` streams (the old one finishes its streams). It is
+//!   not closed for idleness (`idleTimeout` applies to HTTP/1.1 here) and not counted under `maxConnections`
+//!   (one per endpoint; `http2MaxRequests` bounds its streams through the breaker layer).
+//! * Idle HTTP/1.1 connections are closed by one reaper task when their idle timeout passes, so the endpoint
+//!   sees them go (and their `maxConnections` permits return) without waiting for another request.
 //! * `maxConnections` ([`ConnGate`]): every HTTP/1.1 connection holds a permit of the backend's circuit
 //!   breaker while it is open, idle or busy. A request that finds no idle connection and no free permit waits
 //!   as one of at most `http1MaxPendingRequests` pending requests until a connection of the backend is
