@@ -662,7 +662,7 @@ impl BackendRuntime {
 
     /// Counts a request in flight on the endpoint (least-request backends only), until the guard drops.
     pub fn begin(&self, index: usize) -> Option<ActiveGuard> {
-        if self.policy.lb != LbPolicy::LeastRequest {
+        if !matches!(self.policy.lb, LbPolicy::LeastRequest) {
             return None;
         }
         let ep = self.eps.get(index)?;
