@@ -1395,6 +1395,11 @@ apiVersion: v1
 kind: Pod
 metadata: {{name: other, namespace: ns2, labels: {{app: echo}}}}
 status: {{podIP: 127.1.0.3}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: echo, namespace: ns1, labels: {{app: not-selected}}}}
+status: {{podIP: 127.1.0.4}}
 "
         );
         let snap = parse(&text).unwrap();
@@ -1418,6 +1423,15 @@ status: {{podIP: 127.1.0.3}}
         assert_eq!(db.backend.endpoints.len(), 2);
         let grpc = snap.service(&"10.96.0.10:7070".parse().unwrap()).unwrap();
         assert_eq!(grpc.protocol, PortProtocol::Http2);
+        // A workload-addressed backend never shares runtime state (breaker, ejections) with a Service's.
+        let direct = snap.resolve(&"127.1.0.4:80".parse().unwrap()).unwrap();
+        assert_eq!(direct.kind, BindingKind::Workload);
+        let service_keys: Vec<String> = snap.backends.iter().map(|b| b.key()).collect();
+        assert!(
+            !service_keys.contains(&direct.backend.key()),
+            "{}",
+            direct.backend.key()
+        );
     }
 
     #[test]

@@ -135,6 +135,9 @@ pub struct Backend {
     pub port: u16,
     /// DestinationRule subset name when this backend is one subset of the Service port.
     pub subset: Option<Arc<str>>,
+    /// Set for the one-endpoint backend of a workload-addressed CONNECT (that pod's IP:port), so its runtime
+    /// state never shares a key with a Service that happens to have the workload's name.
+    pub workload_addr: Option<SocketAddr>,
     /// How to talk to the endpoints (the backend Service port's declared protocol).
     pub protocol: PortProtocol,
     pub endpoints: Vec<Arc<Endpoint>>,
@@ -161,6 +164,7 @@ impl Backend {
             namespace,
             port,
             subset: None,
+            workload_addr: None,
             protocol,
             endpoints,
             policy: Arc::default(),
@@ -169,8 +173,12 @@ impl Backend {
         }
     }
 
-    /// Identifies the backend across snapshots: `namespace/service:port` plus `/subset` for a subset.
+    /// Identifies the backend across snapshots: `namespace/service:port` plus `/subset` for a subset; a
+    /// workload-addressed backend is keyed by its pod address instead.
     pub fn key(&self) -> String {
+        if let Some(addr) = self.workload_addr {
+            return format!("workload:{}/{}@{addr}", self.namespace, self.service);
+        }
         match &self.subset {
             Some(s) => format!("{}/{}:{}/{s}", self.namespace, self.service, self.port),
             None => format!("{}/{}:{}", self.namespace, self.service, self.port),
@@ -317,13 +325,16 @@ impl Snapshot {
             vip: *addr,
             port_name: None,
             protocol: PortProtocol::Detect,
-            backend: Arc::new(Backend::new(
-                w.workload.clone(),
-                w.namespace.clone(),
-                addr.port(),
-                PortProtocol::Detect,
-                vec![ep],
-            )),
+            backend: Arc::new(Backend {
+                workload_addr: Some(*addr),
+                ..Backend::new(
+                    w.workload.clone(),
+                    w.namespace.clone(),
+                    addr.port(),
+                    PortProtocol::Detect,
+                    vec![ep],
+                )
+            }),
             routes: None,
             default_table: None,
             security: security::ServiceSecurity::default(),
