@@ -5,8 +5,12 @@
 //! - `bare`: the upstream alone, the same request (extensions included) built and its body read.
 //! - `layers_no_policy`: the five layers, with a rule that sets none of their policies (pass-through cost).
 //! - `layers_with_policies`: the five layers, every policy active.
+//! - `layers_with_policies_lb`: as above, and the upstream first picks one of eight endpoints through the real
+//!   per-backend runtime (LEAST_REQUEST power of two choices with outlier detection on, so every pick also
+//!   counts the request in flight and reports its status), as `send_to_backend` does.
 //!
-//! The difference `layers_with_policies − bare` is what the resilience stack adds to each request. One
+//! The difference `layers_with_policies_lb − bare` is what the resilience stack (retry + timeout + breaker +
+//! fault + LB) adds to each request. One
 //! current-thread runtime drives a loop of `iters` requests per sample, so `block_on` is not measured.
 
 use std::convert::Infallible;
@@ -20,7 +24,13 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
+use waypoint::config::policy::{LbPolicy, OutlierPolicy, TrafficPolicy};
+use waypoint::config::{Backend, Endpoint, PortProtocol};
+use waypoint::identity::SpiffeId;
+use waypoint::upstream::cluster::{BackendRuntime, PickInput, Registry};
+use waypoint::upstream::outlier::Outcome;
 use waypoint_filters::breaker::{BreakerLayer, CircuitBreaker, Limits};
+use waypoint_filters::context::Attempt;
 use waypoint_filters::fault::FaultLayer;
 use waypoint_filters::retry::RetryLayer;
 use waypoint_filters::route::{
@@ -33,6 +43,51 @@ type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
 fn upstream() -> Stack {
     BoxCloneSyncService::new(tower::service_fn(|_req: Request<Body>| -> ResponseFuture {
+        let body = Full::new(Bytes::from_static(b"ok"))
+            .map_err(|never| match never {})
+            .boxed();
+        Box::pin(std::future::ready(Ok(Response::new(body))))
+    }))
+}
+
+/// Eight endpoints behind LEAST_REQUEST with outlier detection; the runtime comes from a registry as in the
+/// proxy (the backend owns it through its `OnceLock`, so it is leaked here to live as long as the bench).
+fn balanced_backend() -> &'static Arc<BackendRuntime> {
+    let endpoints = (0..8u8)
+        .map(|i| {
+            Arc::new(Endpoint {
+                addr: std::net::SocketAddr::from(([10, 0, 0, i + 1], 8080)),
+                hbone: Some(std::net::SocketAddr::from(([10, 0, 0, i + 1], 15008))),
+                identity: SpiffeId::new("cluster.local", "bench", "backend"),
+                workload: format!("backend-{i}").into(),
+                namespace: "bench".into(),
+                labels: Default::default(),
+                locality: Default::default(),
+            })
+        })
+        .collect();
+    let mut backend = Backend::new("backend".into(), "bench".into(), 8080, PortProtocol::Http, endpoints);
+    backend.policy = Arc::new(TrafficPolicy {
+        lb: LbPolicy::LeastRequest,
+        outlier: Some(OutlierPolicy::default()),
+        ..Default::default()
+    });
+    let registry = Registry::new();
+    let backend: &'static Backend = Box::leak(Box::new(backend));
+    registry.runtime(backend)
+}
+
+/// The upstream behind a load balancer: pick (skipping endpoints earlier attempts used), count the request
+/// in flight, answer, report the status to outlier detection.
+fn balanced_upstream(rt: &'static Arc<BackendRuntime>) -> Stack {
+    BoxCloneSyncService::new(tower::service_fn(move |req: Request<Body>| -> ResponseFuture {
+        let attempt = req.extensions().get::<Attempt>();
+        let Some(index) = rt.pick(&PickInput { hash: None, attempt }) else {
+            panic!("no endpoint picked");
+        };
+        let active = rt.begin(index);
+        rt.report(index, Outcome::Status(200));
+        drop(active);
         let body = Full::new(Bytes::from_static(b"ok"))
             .map_err(|never| match never {})
             .boxed();
@@ -148,6 +203,12 @@ fn bench_resilience(c: &mut Criterion) {
         Case {
             name: "resilience/layers_with_policies",
             stack: resilient(upstream()),
+            matched: matched(with_policies()),
+            breaker: breaker.clone(),
+        },
+        Case {
+            name: "resilience/layers_with_policies_lb",
+            stack: resilient(balanced_upstream(balanced_backend())),
             matched: matched(with_policies()),
             breaker: breaker.clone(),
         },
