@@ -212,7 +212,8 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 enum WaypointMode {
     InProcess,
     /// `<binary> waypoint run --config <file>`.
-    ChildProcess(PathBuf),
+    /// The binary, and extra arguments after `waypoint run --config FILE`.
+    ChildProcess(PathBuf, Vec<String>),
     /// Everything but the waypoint (to put another proxy, e.g. Envoy, in its place).
     External,
 }
@@ -296,7 +297,13 @@ impl MeshBuilder {
     /// Runs the waypoint as `<binary> waypoint run --config <file>` instead of in this process
     /// (in tests: `env!("CARGO_BIN_EXE_waypoint-conformance")`).
     pub fn child_process(mut self, binary: impl Into<PathBuf>) -> MeshBuilder {
-        self.mode = WaypointMode::ChildProcess(binary.into());
+        self.mode = WaypointMode::ChildProcess(binary.into(), Vec::new());
+        self
+    }
+
+    /// [`MeshBuilder::child_process`] with extra `waypoint run` arguments (e.g. `--work-stealing`).
+    pub fn child_process_with_args(mut self, binary: impl Into<PathBuf>, args: &[&str]) -> MeshBuilder {
+        self.mode = WaypointMode::ChildProcess(binary.into(), args.iter().map(|a| a.to_string()).collect());
         self
     }
 
@@ -636,7 +643,7 @@ impl Mesh {
         let waypoint = match mode {
             WaypointMode::External => return Ok(Waypoint::External),
             WaypointMode::InProcess => Waypoint::InProcess(waypoint::App::start(self.config_path.clone()).await?),
-            WaypointMode::ChildProcess(binary) => self.spawn_child(binary)?,
+            WaypointMode::ChildProcess(binary, args) => self.spawn_child(binary, args)?,
         };
         let mut waypoint = waypoint;
         let readiness = match &waypoint {
@@ -647,7 +654,7 @@ impl Mesh {
         Ok(waypoint)
     }
 
-    fn spawn_child(&self, binary: &Path) -> Result<Waypoint, MeshError> {
+    fn spawn_child(&self, binary: &Path, args: &[String]) -> Result<Waypoint, MeshError> {
         let log = self.dir.path().join("waypoint.log");
         let open = |what| {
             std::fs::OpenOptions::new()
@@ -666,6 +673,7 @@ impl Mesh {
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

@@ -148,3 +148,59 @@ async fn readiness_status(addr: std::net::SocketAddr) -> u16 {
         Err(_) => 0,
     }
 }
+
+/// Threads of a process whose name starts with `prefix` (names are cut to 15 bytes by the kernel).
+fn threads_named(pid: u32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .filter(|name| name.trim_end().starts_with(prefix))
+        .count()
+}
+
+/// Both runtime models serve many HBONE connections at once, each with several requests: thread-per-core
+/// workers (the default; connections are spread over the workers) and `--work-stealing`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_per_core_and_work_stealing_serve_concurrent_connections() {
+    for (args, worker_threads) in [
+        (&["--workers", "3"][..], 3),
+        (&["--work-stealing", "--workers", "2"][..], 0),
+    ] {
+        let mesh = Mesh::builder()
+            .service(ServiceSpec::new(NS, "echo", Ipv4Addr::new(10, 96, 5, 1)).port(PortSpec::http(80, 8080)))
+            .pod(PodSpec::new(NS, "echo-1").labels(&[("app", "echo")]))
+            .pod(PodSpec::new(NS, "echo-2").labels(&[("app", "echo")]))
+            .child_process_with_args(BIN, args)
+            .start()
+            .await
+            .expect("mesh with a child waypoint starts");
+        let pid = mesh.child_pid().unwrap();
+        assert_eq!(threads_named(pid, "waypoint-worke"), worker_threads, "{args:?}");
+        let authority = mesh.authority(NS, "echo", 80);
+        let clients: Vec<_> = (0..12)
+            .map(|i| {
+                // A source identity each: separate HBONE connections.
+                let source = mesh.source("client", &format!("sa-{i}")).unwrap();
+                let authority = authority.clone();
+                tokio::spawn(async move {
+                    let mut ok = 0;
+                    for n in 0..5 {
+                        let reply = client::get(&source, &authority, "echo", &format!("/c{i}/r{n}"))
+                            .await
+                            .unwrap();
+                        assert_eq!(reply.status, StatusCode::OK);
+                        assert_eq!(reply.json()["path"], format!("/c{i}/r{n}"));
+                        ok += 1;
+                    }
+                    ok
+                })
+            })
+            .collect();
+        let mut served = 0;
+        for c in clients {
+            served += c.await.unwrap();
+        }
+        assert_eq!(served, 60, "{args:?}");
+        assert!(mesh.shutdown().await, "{args:?}: waypoint exits 0");
+    }
+}

@@ -32,6 +32,10 @@ enum Command {
         /// Worker threads (default: the CPUs available to the process).
         #[arg(long, env = "WAYPOINT_WORKERS")]
         workers: Option<usize>,
+        /// One work-stealing runtime instead of thread-per-core workers: the streams of one HBONE connection
+        /// can then use every core (for a few very busy connections), at more CPU per request.
+        #[arg(long, env = "WAYPOINT_WORK_STEALING")]
+        work_stealing: bool,
     },
     /// Validate a config file: prints every error and exits non-zero if there is any.
     Check { file: PathBuf },
@@ -70,21 +74,32 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
             log,
             log_json,
             workers,
+            work_stealing,
         } => {
             init_logging(&log, log_json);
-            let mut rt = tokio::runtime::Builder::new_multi_thread();
-            rt.enable_all();
-            if let Some(w) = workers {
-                rt.worker_threads(w.max(1));
-            }
-            let rt = match rt.build() {
-                Ok(rt) => rt,
+            let started = if work_stealing {
+                let mut rt = tokio::runtime::Builder::new_multi_thread();
+                rt.enable_all();
+                if let Some(w) = workers {
+                    rt.worker_threads(w.max(1));
+                }
+                rt.build().map(|rt| (rt, None))
+            } else {
+                // The main runtime only accepts, watches config and certificates, and serves the admin port.
+                let n = workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .and_then(|rt| Ok((rt, Some(crate::workers::Workers::start(n)?))))
+            };
+            let (rt, workers) = match started {
+                Ok(started) => started,
                 Err(e) => {
                     eprintln!("waypoint: cannot start runtime: {e}");
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(run(config)) {
+            match rt.block_on(run(config, workers)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("waypoint: {e:#}");
@@ -117,8 +132,11 @@ fn check(file: &std::path::Path) -> ExitCode {
     }
 }
 
-async fn run(config: PathBuf) -> anyhow::Result<()> {
-    let app = crate::App::start(config).await?;
+async fn run(config: PathBuf, workers: Option<crate::workers::Workers>) -> anyhow::Result<()> {
+    if let Some(w) = &workers {
+        tracing::info!(workers = w.len(), "thread-per-core workers");
+    }
+    let app = crate::App::start_with(config, workers).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM"),

@@ -46,6 +46,15 @@ impl Drain {
         self.tracker.spawn(fut)
     }
 
+    /// [`Drain::spawn`] on another runtime (a worker's).
+    pub fn spawn_on<F>(&self, fut: F, handle: &tokio::runtime::Handle) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tracker.spawn_on(fut, handle)
+    }
+
     /// Wait for tracked work to finish, at most `timeout`. Returns whether everything finished in time.
     pub async fn wait(&self, timeout: Duration) -> bool {
         self.tracker.close();

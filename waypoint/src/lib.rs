@@ -14,6 +14,7 @@ pub mod jwks;
 pub mod proxy;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -61,8 +62,14 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 }
 
 impl App {
-    /// Load `config_path`, bind every listener and start serving. Must run inside a Tokio runtime.
+    /// Load `config_path`, bind every listener and start serving on the current Tokio runtime.
     pub async fn start(config_path: PathBuf) -> Result<App, StartError> {
+        Self::start_with(config_path, None).await
+    }
+
+    /// [`App::start`], with HBONE connections served by `workers` (thread-per-core) when given; listeners,
+    /// config and certificate watching, and the admin endpoints stay on the current runtime.
+    pub async fn start_with(config_path: PathBuf, workers: Option<workers::Workers>) -> Result<App, StartError> {
         // A first pass without network access yields the settings the JWKS fetcher needs (its HTTPS roots);
         // the second builds the snapshot whose `jwksUri` rules share the fetcher's keys.
         let settings = config::load_file(&config_path, 1)?.settings;
@@ -96,6 +103,7 @@ impl App {
             drain: drain.clone(),
             http_stack,
             authz_counters,
+            workers,
         });
 
         tokio::spawn(config.watch(drain.token()));

@@ -61,6 +61,9 @@ impl HboneError {
 struct Key {
     addr: SocketAddr,
     identity: SpiffeId,
+    /// Per worker thread, like Envoy's per-worker pools: a connection's driver task runs on the worker that
+    /// opened it, and streams from other workers would wake it across threads ([`crate::workers`]).
+    worker: usize,
 }
 
 struct Conn {
@@ -142,6 +145,7 @@ impl HbonePool {
         let key = Key {
             addr: hbone_addr,
             identity: identity.clone(),
+            worker: crate::workers::current(),
         };
         let (slot, opening) = self.reserve(&key);
         let slot = match slot {

@@ -1,8 +1,9 @@
 //! Inbound HBONE: accept TCP, terminate mTLS, run an HTTP/2 server, hand each CONNECT stream to its own task.
 //!
-//! One task per stream (not per connection) matters: ztunnel multiplexes every workload on a node onto a few
-//! HBONE connections, and a per-connection design pins all of that traffic to one core — the known Envoy
-//! waypoint complaint. The connection task only drives HTTP/2 framing and keepalive.
+//! One task per stream (not per connection): the connection task only drives HTTP/2 framing and keepalive, so a
+//! slow stream never holds up the others. Where the tasks run depends on the runtime: with thread-per-core
+//! workers (the default, see [`crate::workers`]) a connection and all its streams share one worker thread, as
+//! in Envoy; under `--work-stealing` the streams of one busy connection spread over every core.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,10 +36,31 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((tcp, peer)) => {
-                let ctx2 = ctx.clone();
-                ctx.drain.spawn(async move { connection(tcp, peer, ctx2).await });
-            }
+            Ok((tcp, peer)) => match &ctx.workers {
+                None => {
+                    let ctx2 = ctx.clone();
+                    ctx.drain.spawn(async move { connection(tcp, peer, ctx2).await });
+                }
+                Some(workers) => {
+                    // Re-registered with the worker's own I/O driver: left on the accepting runtime's, every
+                    // readiness event would cross threads.
+                    let tcp = match tcp.into_std() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "cannot hand the connection to a worker");
+                            continue;
+                        }
+                    };
+                    let ctx2 = ctx.clone();
+                    let (fut, handle) = workers.assign(async move {
+                        match TcpStream::from_std(tcp) {
+                            Ok(tcp) => connection(tcp, peer, ctx2).await,
+                            Err(e) => tracing::warn!(%peer, error = %e, "worker cannot register the connection"),
+                        }
+                    });
+                    ctx.drain.spawn_on(fut, handle);
+                }
+            },
             Err(e) => {
                 // EMFILE and friends: back off a little instead of spinning.
                 tracing::warn!(error = %e, "hbone accept failed");

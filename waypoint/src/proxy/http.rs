@@ -400,17 +400,7 @@ fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
 /// RFC 9110 §7.6.1: connection-specific headers, plus any header the `Connection` header names, end at this hop.
 /// `te: trailers` survives: gRPC servers require it and it is the one TE value HTTP/2 allows.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in [
+    const FIXED: [HeaderName; 8] = [
         header::CONNECTION,
         KEEP_ALIVE,
         PROXY_CONNECTION,
@@ -419,8 +409,40 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::TRAILER,
         header::PROXY_AUTHENTICATE,
         header::PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(name);
+    ];
+    // One pass over the few names present instead of a hashed removal per hop-by-hop name: on the hot path a
+    // message carries none of them, or only `connection` (this showed in the rig's profile).
+    let mut present = 0u8;
+    let mut te = false;
+    for name in headers.keys() {
+        if let Some(i) = FIXED.iter().position(|f| f == name) {
+            present |= 1 << i;
+        } else if name == header::TE {
+            te = true;
+        }
+    }
+    if present & 1 != 0 {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            if name == header::TE {
+                te = false;
+            }
+            headers.remove(name);
+        }
+    }
+    for (i, name) in FIXED.into_iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    if !te {
+        return;
     }
     let te_trailers = headers
         .get_all(header::TE)
@@ -553,6 +575,32 @@ mod tests {
         assert!(h.get(header::TRANSFER_ENCODING).is_none());
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert_eq!(h.get("x-end-to-end").unwrap(), "kept");
+    }
+
+    #[test]
+    fn hop_by_hop_stripping_keeps_end_to_end_headers_and_drops_te_without_trailers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("svc"));
+        h.append("x-multi", HeaderValue::from_static("a"));
+        h.append("x-multi", HeaderValue::from_static("b"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before, "nothing hop-by-hop: untouched");
+
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(
+            h, before,
+            "te without trailers, upgrade and proxy-authorization removed"
+        );
+
+        // `te` named by `connection` goes even with `trailers`.
+        h.insert(header::CONNECTION, HeaderValue::from_static("te"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 
     #[test]

@@ -25,4 +25,7 @@ pub struct Ctx {
     pub http_stack: l7::HttpService,
     /// Authorization decisions so far (allowed, denied, audited, dry-run denials).
     pub authz_counters: Arc<waypoint_filters::authz::DecisionCounters>,
+    /// Thread-per-core workers that accepted connections are handed to; `None` = serve them on the runtime
+    /// that accepts (a work-stealing runtime, or a test's).
+    pub workers: Option<crate::workers::Workers>,
 }

@@ -138,6 +138,8 @@ struct Key {
     hbone: Option<SocketAddr>,
     identity: SpiffeId,
     pool: u64,
+    /// Each worker thread reuses the connections its own tasks drive ([`crate::workers`]).
+    worker: usize,
 }
 
 impl Key {
@@ -147,6 +149,7 @@ impl Key {
             hbone: ep.hbone,
             identity: ep.identity.clone(),
             pool,
+            worker: crate::workers::current(),
         }
     }
 }
