@@ -17,7 +17,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::stream::H2Stream;
-use super::{CONNECT_TIMEOUT, CONNECTION_WINDOW, MAX_FRAME, PING_INTERVAL, PING_TIMEOUT, STREAM_WINDOW, tune_socket};
+use super::{CONNECT_TIMEOUT, MAX_FRAME, PING_INTERVAL, PING_TIMEOUT, STREAM_WINDOW, tune_socket};
 use crate::identity::SpiffeId;
 use crate::tls::PeerIdentityError;
 use crate::tls::reload::TlsStore;
@@ -218,8 +218,8 @@ impl HbonePool {
             Err(_) => return Err(HboneError::ConnectTimeout { addr }),
         };
         let (send, mut conn) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_window_size(super::UPSTREAM_STREAM_WINDOW)
+            .initial_connection_window_size(super::UPSTREAM_CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_header_list_size(16 * 1024)
             .max_send_buffer_size(STREAM_WINDOW as usize)

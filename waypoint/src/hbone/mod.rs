@@ -12,6 +12,12 @@ use std::time::Duration;
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_FRAME: u32 = 1024 * 1024;
+/// Our receive windows on HBONE connections we open to destination ztunnels. Smaller than ztunnel's: a response
+/// is forwarded as fast as the downstream takes it, and everything the window admits beyond that sits in our
+/// memory (with a pool per worker, twice over). 1 MiB per stream still covers the bandwidth-delay product of
+/// a 10 Gbit/s link at 0.8 ms round trip.
+pub const UPSTREAM_STREAM_WINDOW: u32 = 1024 * 1024;
+pub const UPSTREAM_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// Keepalive: first PING after 10 s idle, then every 10 s; no PONG within 20 s drops the connection.
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(20);

@@ -114,7 +114,9 @@ async fn connection(tcp: TcpStream, peer_addr: SocketAddr, ctx: Arc<Ctx>) {
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(64 * 1024)
-        .max_send_buffer_size(1024 * 1024)
+        // ztunnel's server value: data queued per stream beyond this waits (back-pressure) instead of piling
+        // up in memory when the peer reads slower than the upstream answers.
+        .max_send_buffer_size(400 * 1024)
         .handshake::<_, Bytes>(tls)
         .await
     {

@@ -353,6 +353,7 @@ impl HttpPool {
     ) -> Result<H1Conn, ProxyError> {
         let io = upstream.connect_with(ep, params.connect_timeout).await?;
         let (send, conn) = http1::Builder::new()
+            .max_buf_size(crate::proxy::http::H1_MAX_BUF)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::UpstreamConnect(e.to_string()))?;
