@@ -265,3 +265,57 @@ pub(crate) mod test_support {
         String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use super::test_support::{endpoint, next_ip, upstream};
+    use crate::proxy::error::ProxyError;
+
+    /// A listener that never accepts and whose accept queue is full: the kernel drops further SYNs, so a connect
+    /// to it hangs until the caller gives up (the listener and the queued connections must stay alive for that).
+    fn black_hole() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&SocketAddr::new(next_ip(), 0).into()).unwrap();
+        sock.listen(0).unwrap();
+        let addr = sock.local_addr().unwrap().as_socket().unwrap();
+        let mut queued = Vec::new();
+        // Fill the queue: the first connect that cannot complete shows it is full.
+        for _ in 0..64 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(s) => queued.push(s),
+                Err(_) => break,
+            }
+        }
+        assert!(!queued.is_empty(), "the queue admitted at least one connection");
+        (sock, queued, addr)
+    }
+
+    #[tokio::test]
+    async fn connect_timeout_bounds_tcp_and_hbone_connects_that_never_complete() {
+        let up = upstream();
+        let (_hole, _queued, addr) = black_hole();
+
+        let plain = endpoint(addr);
+        let r = up.connect_with(&plain, Some(Duration::from_millis(300))).await;
+        assert!(
+            matches!(&r, Err(ProxyError::UpstreamConnect(m)) if m.contains("timed out")),
+            "plain TCP: {:?}",
+            r.err()
+        );
+
+        // Through HBONE the timeout bounds the whole tunnel setup, starting with the TCP connect to ztunnel.
+        let mut hbone = (*endpoint(SocketAddr::new(addr.ip(), 8080))).clone();
+        hbone.hbone = Some(addr);
+        let r = up.connect_with(&hbone, Some(Duration::from_millis(300))).await;
+        assert!(
+            matches!(&r, Err(ProxyError::UpstreamConnect(m)) if m.contains("timed out")),
+            "HBONE: {:?}",
+            r.err()
+        );
+    }
+}
