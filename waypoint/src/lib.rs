@@ -32,18 +32,38 @@ pub use cli::cli_main;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    // The cause is part of the message and deliberately not the error's `source`: callers print these with
+    // `{}` (reports) and with `{:#}` (the CLI), and a source would be printed twice by the latter.
     #[error("invalid config:\n{0}")]
-    Config(#[from] config::ConfigErrors),
+    Config(config::ConfigErrors),
     #[error("certificates: {0}")]
-    Tls(#[from] tls::TlsError),
+    Tls(tls::TlsError),
     #[error("JWKS fetcher: {0}")]
-    Jwks(#[from] jwks::JwksError),
+    Jwks(jwks::JwksError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+impl From<config::ConfigErrors> for StartError {
+    fn from(e: config::ConfigErrors) -> Self {
+        StartError::Config(e)
+    }
+}
+
+impl From<tls::TlsError> for StartError {
+    fn from(e: tls::TlsError) -> Self {
+        StartError::Tls(e)
+    }
+}
+
+impl From<jwks::JwksError> for StartError {
+    fn from(e: jwks::JwksError) -> Self {
+        StartError::Jwks(e)
+    }
 }
 
 /// A running waypoint: every listener bound, config and certificates loaded.

@@ -57,5 +57,28 @@ fn run_fails_fast_with_a_clear_message_when_certificates_are_missing() {
         stderr.contains("cannot read certificate file") && stderr.contains("missing.pem"),
         "{stderr}"
     );
+    assert_eq!(
+        stderr.matches("cannot read certificate file").count(),
+        1,
+        "the reason is printed once: {stderr}"
+    );
+
+    let missing = dir.join("absent.yaml");
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid config") && stderr.contains("absent.yaml"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("cannot read").count(),
+        1,
+        "the reason is printed once: {stderr}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
