@@ -383,7 +383,8 @@ async fn run(opts: &Opts, args: &[String]) -> Result<()> {
             opts.duration, opts.warmup, opts.repeat
         ),
         format!(
-            "our waypoint `--workers {}`; every Envoy `--concurrency {}`; wrk threads min({}, connections); \
+            "our waypoint `--workers {}` (thread-per-core workers, its default runtime: each HBONE connection \
+             on one worker, like Envoy's); every Envoy `--concurrency {}`; wrk threads min({}, connections); \
              HBONE: TLS 1.3, ALPN h2, ECDSA P-256 certificates from one test CA; source ztunnel ≤ 100 streams per \
              HBONE connection",
             opts.workers, opts.envoy_concurrency, opts.wrk_threads
