@@ -5,7 +5,7 @@
 //! Why not one work-stealing runtime: on the rig (benches/RESULTS.md) a request through the waypoint wakes
 //! about six tasks (inbound HTTP/2 connection, tunnel, upstream HTTP/1.1 connection, outbound HTTP/2
 //! connection, and back). Under work stealing those hops land on different threads, and each one costs a futex
-//! wake-up and cache misses; the waypoint spent 15–30 % more CPU per request that way. Keeping a connection's
+//! wake-up and cache misses; the waypoint spent 12–30 % more CPU per request that way. Keeping a connection's
 //! tasks on one thread makes every hop a local queue push. The cost is that one very hot HBONE connection is
 //! served by one core; `--work-stealing` brings the shared runtime back for deployments where that matters.
 //!
