@@ -45,14 +45,19 @@ fn check_accepts_the_example_and_rejects_bad_files_naming_the_field() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `waypoint run --config <cfg>`, which must fail; returns its stderr.
+fn run_failing(cfg: &std::path::Path) -> String {
+    let out = Command::new(BIN).args(["run", "--config"]).arg(cfg).output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn run_fails_fast_with_a_clear_message_when_certificates_are_missing() {
     let dir = tempdir("run");
     let cfg = dir.join("wp.yaml");
     std::fs::write(&cfg, HEADER).unwrap();
-    let out = Command::new(BIN).args(["run", "--config"]).arg(&cfg).output().unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = run_failing(&cfg);
     assert!(
         stderr.contains("cannot read certificate file") && stderr.contains("missing.pem"),
         "{stderr}"
@@ -63,14 +68,7 @@ fn run_fails_fast_with_a_clear_message_when_certificates_are_missing() {
         "the reason is printed once: {stderr}"
     );
 
-    let missing = dir.join("absent.yaml");
-    let out = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&missing)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = run_failing(&dir.join("absent.yaml"));
     assert!(
         stderr.contains("invalid config") && stderr.contains("absent.yaml"),
         "{stderr}"
