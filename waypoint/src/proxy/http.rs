@@ -429,6 +429,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             te = true;
         }
     }
+    // Bit 0 is `connection` (FIXED[0]): only then can the message name more headers to drop.
     if present & 1 != 0 {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
