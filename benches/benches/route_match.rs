@@ -3,7 +3,7 @@
 //!
 //! Before measuring, every shape is checked to make no heap allocation per lookup: the returned `Matched` is
 //! built from `Arc` clones only. The check counts allocations with `stats_alloc`'s instrumented global
-//! allocator (safe to install, so the workspace's `unsafe_code = "forbid"` holds here too).
+//! allocator (safe to install, so the workspace's `unsafe_code = "deny"` holds here too).
 
 use std::alloc::System;
 use std::hint::black_box;

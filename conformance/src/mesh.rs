@@ -905,7 +905,7 @@ impl Drop for Mesh {
 }
 
 fn sigterm(pid: u32) {
-    // No libc binding (unsafe is forbidden here): the `kill` utility does the same.
+    // No libc binding (unsafe code is denied in the workspace): the `kill` utility does the same.
     match Command::new("kill").arg("-TERM").arg(pid.to_string()).status() {
         Ok(status) if status.success() => {}
         other => warn!(pid, "sending SIGTERM failed: {other:?}"),

@@ -11,6 +11,7 @@ pub mod ext_authz;
 pub mod hbone;
 pub mod identity;
 pub mod jwks;
+pub mod memory;
 pub mod proxy;
 pub mod tls;
 pub mod upstream;
@@ -126,8 +127,13 @@ impl App {
             workers,
         });
 
+        let live = config.clone();
         tokio::spawn(config.watch(drain.token()));
         tokio::spawn(tls.clone().watch(settings.watch_interval, drain.token()));
+        tokio::spawn(memory::release_loop(
+            move || live.load().settings.memory_release_interval,
+            drain.token(),
+        ));
         drain.spawn(hbone::server::serve(hbone, ctx.clone()));
         tokio::spawn(admin::serve(readiness, ctx.clone(), admin::Role::Readiness));
         tokio::spawn(admin::serve(admin, ctx.clone(), admin::Role::Admin));

@@ -172,6 +172,8 @@ pub struct WaypointConfigSpec {
     #[serde(default)]
     pub watch_interval: Option<String>,
     #[serde(default)]
+    pub memory_release_interval: Option<String>,
+    #[serde(default)]
     pub security: Option<super::security::SecuritySettingsSpec>,
     /// `region/zone/subzone` of the node the waypoint runs on.
     #[serde(default)]

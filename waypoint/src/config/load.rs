@@ -1014,6 +1014,12 @@ fn settings_from(cx: &mut Ctx<'_>, base_dir: &Path, wc: &k8s::WaypointConfig) ->
     if watch_interval.is_zero() {
         cx.field_error("spec.watchInterval", "must be greater than zero");
     }
+    let memory_release_interval = parse_duration_field(
+        cx,
+        "spec.memoryReleaseInterval",
+        spec.memory_release_interval.as_deref(),
+        Duration::from_secs(10),
+    );
     let locality = match spec.locality.as_deref().map(parse_locality) {
         None => Locality::default(),
         Some(Ok(l)) => l,
@@ -1037,6 +1043,7 @@ fn settings_from(cx: &mut Ctx<'_>, base_dir: &Path, wc: &k8s::WaypointConfig) ->
         drain_timeout,
         protocol_detection_timeout,
         watch_interval,
+        memory_release_interval,
         jwks_roots_file: spec
             .security
             .as_ref()
@@ -1465,6 +1472,18 @@ spec:
         assert!(msgs[0].contains("70000"));
         assert!(msgs[1].contains("document 3"), "{}", msgs[1]);
         assert!(msgs[1].contains("field spec.ports[0].port"), "{}", msgs[1]);
+    }
+
+    #[test]
+    fn memory_release_interval_defaults_parses_and_names_the_field_when_invalid() {
+        assert_eq!(
+            parse(HEADER).unwrap().settings.memory_release_interval,
+            Duration::from_secs(10)
+        );
+        let off = parse(&format!("{HEADER}  memoryReleaseInterval: 0s\n")).unwrap();
+        assert_eq!(off.settings.memory_release_interval, Duration::ZERO);
+        let errs = parse(&format!("{HEADER}  memoryReleaseInterval: often\n")).unwrap_err();
+        assert!(errs.to_string().contains("spec.memoryReleaseInterval"), "{errs}");
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub struct Settings {
     pub protocol_detection_timeout: Duration,
     #[serde(with = "duration::serde_millis")]
     pub watch_interval: Duration,
+    /// How often free allocator memory goes back to the kernel (`spec.memoryReleaseInterval`; zero: never).
+    #[serde(with = "duration::serde_millis")]
+    pub memory_release_interval: Duration,
     /// PEM roots for HTTPS JWKS fetches (`spec.security.jwksRootsFile`).
     pub jwks_roots_file: Option<PathBuf>,
     /// Where the waypoint runs (`spec.locality`, `region/zone/subzone`): the reference point of locality load

@@ -224,7 +224,7 @@ impl HbonePool {
             .max_header_list_size(16 * 1024)
             .max_send_buffer_size(STREAM_WINDOW as usize)
             .enable_push(false)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(super::coalesce::Coalesce::new(tls))
             .await
             .map_err(|source| HboneError::H2 { addr, source })?;
         let c = Arc::new(Conn {

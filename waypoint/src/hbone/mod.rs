@@ -2,6 +2,7 @@
 //! ([`client`]), with [`stream::H2Stream`] turning one CONNECT stream into a byte pipe.
 
 pub mod client;
+pub mod coalesce;
 pub mod server;
 pub mod stream;
 

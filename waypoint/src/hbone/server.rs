@@ -117,7 +117,7 @@ async fn connection(tcp: TcpStream, peer_addr: SocketAddr, ctx: Arc<Ctx>) {
         // ztunnel's server value: data queued per stream beyond this waits (back-pressure) instead of piling
         // up in memory when the peer reads slower than the upstream answers.
         .max_send_buffer_size(400 * 1024)
-        .handshake::<_, Bytes>(tls)
+        .handshake::<_, Bytes>(super::coalesce::Coalesce::new(tls))
         .await
     {
         Ok(c) => c,

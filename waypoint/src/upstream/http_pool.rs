@@ -443,7 +443,10 @@ impl HttpPool {
         let (conn, resp) = loop {
             let (mut conn, reused) = match self.checkout_h1(&key, params.max_requests_per_connection).await {
                 Some(c) => (c, true),
-                None => self.acquire_h1(upstream, params, ep, &key).await?,
+                // Boxed: opening a connection (TCP or HBONE, TLS, handshakes) is a large future, and inline it
+                // would make every request's future that large, copied on each move even when a pooled
+                // connection serves it.
+                None => Box::pin(self.acquire_h1(upstream, params, ep, &key)).await?,
             };
             conn.served += 1;
             match conn.send.try_send_request(req).await {
@@ -516,6 +519,21 @@ impl HttpPool {
             }
             entry.opening.clone()
         };
+        // Boxed for the reason `send_h1` boxes `acquire_h1`: the common case never opens a connection.
+        Box::pin(self.open_h2(upstream, params, ep, key, opening)).await
+    }
+
+    /// Opens the HTTP/2 connection of `key`, one at a time per key: a request that waited for another's open
+    /// takes a stream on that connection.
+    async fn open_h2(
+        &self,
+        upstream: &Upstream,
+        params: &PoolParams<'_>,
+        ep: &Endpoint,
+        key: &Key,
+        opening: Arc<tokio::sync::Mutex<()>>,
+    ) -> Result<http2::SendRequest<Body>, ProxyError> {
+        let max = params.max_requests_per_connection;
         let _single = opening.lock().await;
         if let Some(s) = lock(&self.h2).get_mut(key).and_then(|e| Self::h2_take(e, max)) {
             return Ok(s);
