@@ -13,9 +13,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// How long a stream we finished keeps reading for the peer's END_STREAM (see `Drop`).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub struct H2Stream {
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    /// Always `Some` until `Drop` takes it.
+    recv: Option<RecvStream>,
     pending: Bytes,
     write_closed: bool,
     /// Dropped with the stream: releases a pool slot or a drain guard.
@@ -26,7 +30,7 @@ impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
         H2Stream {
             send,
-            recv,
+            recv: Some(recv),
             pending: Bytes::new(),
             write_closed: false,
             _guard: None,
@@ -62,10 +66,13 @@ impl AsyncRead for H2Stream {
                 self.pending.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            match ready!(self.recv.poll_data(cx)) {
+            let Some(recv) = self.recv.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            match ready!(recv.poll_data(cx)) {
                 None => return Poll::Ready(Ok(())),
                 Some(Ok(chunk)) => {
-                    let _ = self.recv.flow_control().release_capacity(chunk.len());
+                    let _ = recv.flow_control().release_capacity(chunk.len());
                     self.pending = chunk;
                 }
                 Some(Err(e)) if is_graceful(&e) => return Poll::Ready(Ok(())),
@@ -149,6 +156,35 @@ impl AsyncWrite for H2Stream {
     }
 }
 
+impl Drop for H2Stream {
+    /// When our side is finished (END_STREAM sent) and the peer's is not, dropping the receive half would reset
+    /// the stream (RST_STREAM CANCEL) while the peer's own END_STREAM is usually already on its way. h2 remembers
+    /// only the last 50 streams it reset; a frame for an older one is answered with a reset h2 counts as the
+    /// peer's protocol error, and after 1,024 of those over a connection's life it closes the whole connection
+    /// (GOAWAY ENHANCE_YOUR_CALM) — with thousands of short tunnels a second on one long-lived HBONE connection,
+    /// that happened within a minute on the rig. Like a lingering TCP close, the receive half is kept for a
+    /// moment, reading and discarding, so the stream ends cleanly.
+    fn drop(&mut self) {
+        let Some(mut recv) = self.recv.take() else {
+            return;
+        };
+        if !self.write_closed || recv.is_end_stream() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let drain = async {
+                while let Some(Ok(chunk)) = recv.data().await {
+                    let _ = recv.flow_control().release_capacity(chunk.len());
+                }
+            };
+            let _ = tokio::time::timeout(LINGER, drain).await;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -178,6 +214,73 @@ mod tests {
         let server = server.await.unwrap();
         let recv = resp.await.unwrap().into_body();
         (H2Stream::new(send, recv), server)
+    }
+
+    /// The reset the peer sees on `send` within `wait` (virtual time), if any.
+    async fn reset_seen(send: &mut SendStream<Bytes>, wait: std::time::Duration) -> Option<Reason> {
+        let reset = std::future::poll_fn(|cx| send.poll_reset(cx));
+        match tokio::time::timeout(wait, reset).await {
+            Ok(Ok(reason)) => Some(reason),
+            Ok(Err(e)) => panic!("poll_reset failed: {e}"),
+            Err(_) => None,
+        }
+    }
+
+    /// A CONNECT stream whose server half we hold as an H2Stream, and the client's raw h2 halves.
+    async fn raw_client_pair() -> (SendStream<Bytes>, RecvStream, H2Stream) {
+        let (c, s) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(s).await.unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            let send = respond.send_response(http::Response::new(()), false).unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            H2Stream::new(send, req.into_body())
+        });
+        let (client, conn) = h2::client::handshake(c).await.unwrap();
+        tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::builder()
+            .method("CONNECT")
+            .uri("10.0.0.1:80")
+            .body(())
+            .unwrap();
+        let (resp, send) = client.send_request(req, false).unwrap();
+        let server = server.await.unwrap();
+        (send, resp.await.unwrap().into_body(), server)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_finished_stream_waits_for_the_peers_end_instead_of_resetting() {
+        let (mut send, mut recv, mut server) = raw_client_pair().await;
+        server.write_all(b"reply").await.unwrap();
+        server.shutdown().await.unwrap();
+        drop(server);
+        let mut got = Vec::new();
+        while let Some(chunk) = recv.data().await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(got, b"reply");
+        // Still within the linger: no RST_STREAM, and our late data and END_STREAM are accepted.
+        assert_eq!(reset_seen(&mut send, LINGER / 2).await, None);
+        send.send_data(Bytes::from_static(b"late"), true).unwrap();
+        assert_eq!(reset_seen(&mut send, LINGER * 2).await, None, "stream closed cleanly");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_ends_is_reset_after_the_linger() {
+        let (mut send, _recv, mut server) = raw_client_pair().await;
+        server.shutdown().await.unwrap();
+        drop(server);
+        assert_eq!(reset_seen(&mut send, LINGER / 2).await, None);
+        // Our side had ended, so the reset only tells the peer to stop sending (RFC 9113 §8.1).
+        assert_eq!(reset_seen(&mut send, LINGER).await, Some(Reason::NO_ERROR));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_dropped_before_its_end_is_reset_at_once() {
+        let (mut send, _recv, server) = raw_client_pair().await;
+        drop(server);
+        assert_eq!(reset_seen(&mut send, LINGER / 10).await, Some(Reason::CANCEL));
     }
 
     #[tokio::test]
