@@ -194,25 +194,7 @@ mod tests {
 
     /// A client and a server H2Stream over one in-memory HTTP/2 connection.
     async fn pair() -> (H2Stream, H2Stream) {
-        let (c, s) = tokio::io::duplex(1 << 16);
-        let server = tokio::spawn(async move {
-            let mut conn = h2::server::handshake(s).await.unwrap();
-            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
-            let send = respond.send_response(http::Response::new(()), false).unwrap();
-            tokio::spawn(async move { while conn.accept().await.is_some() {} });
-            H2Stream::new(send, req.into_body())
-        });
-        let (client, conn) = h2::client::handshake(c).await.unwrap();
-        tokio::spawn(conn);
-        let mut client = client.ready().await.unwrap();
-        let req = http::Request::builder()
-            .method("CONNECT")
-            .uri("10.0.0.1:80")
-            .body(())
-            .unwrap();
-        let (resp, send) = client.send_request(req, false).unwrap();
-        let server = server.await.unwrap();
-        let recv = resp.await.unwrap().into_body();
+        let (send, recv, server) = raw_client_pair().await;
         (H2Stream::new(send, recv), server)
     }
 
