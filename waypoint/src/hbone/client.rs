@@ -16,6 +16,7 @@ use http::{Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
+use super::coalesce::{Coalesce, Ticks};
 use super::stream::H2Stream;
 use super::{CONNECT_TIMEOUT, MAX_FRAME, PING_INTERVAL, PING_TIMEOUT, STREAM_WINDOW, tune_socket};
 use crate::identity::SpiffeId;
@@ -217,6 +218,8 @@ impl HbonePool {
             Ok(Err(e)) => return Err(classify_tls_error(addr, e)),
             Err(_) => return Err(HboneError::ConnectTimeout { addr }),
         };
+        // The task that polls `conn` runs under `ticks`, which its writer uses to defer flushes (see `coalesce`).
+        let ticks = Ticks::default();
         let (send, mut conn) = h2::client::Builder::new()
             .initial_window_size(super::UPSTREAM_STREAM_WINDOW)
             .initial_connection_window_size(super::UPSTREAM_CONNECTION_WINDOW)
@@ -224,7 +227,7 @@ impl HbonePool {
             .max_header_list_size(16 * 1024)
             .max_send_buffer_size(STREAM_WINDOW as usize)
             .enable_push(false)
-            .handshake::<_, Bytes>(super::coalesce::Coalesce::new(tls))
+            .handshake::<_, Bytes>(Coalesce::new(tls, ticks.clone()))
             .await
             .map_err(|source| HboneError::H2 { addr, source })?;
         let c = Arc::new(Conn {
@@ -247,14 +250,18 @@ impl HbonePool {
                     }
                 }
             };
-            tokio::select! {
-                r = &mut conn => {
-                    if let Err(e) = r {
-                        tracing::debug!(%addr, error = %e, "hbone upstream connection closed");
+            ticks
+                .drive(async {
+                    tokio::select! {
+                        r = &mut conn => {
+                            if let Err(e) = r {
+                                tracing::debug!(%addr, error = %e, "hbone upstream connection closed");
+                            }
+                        }
+                        _ = keepalive => tracing::info!(%addr, "hbone upstream stopped answering PING; dropped"),
                     }
-                }
-                _ = keepalive => tracing::info!(%addr, "hbone upstream stopped answering PING; dropped"),
-            }
+                })
+                .await;
             if let Some(c) = weak.upgrade() {
                 c.dead.store(true, Ordering::Release);
             }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
 
+use super::coalesce::{Coalesce, Ticks};
 use super::{CONNECTION_WINDOW, MAX_FRAME, PING_INTERVAL, PING_TIMEOUT, STREAM_WINDOW, tune_socket};
 use crate::identity::SpiffeId;
 use crate::proxy::{self, Ctx};
@@ -108,65 +109,72 @@ async fn connection(tcp: TcpStream, peer_addr: SocketAddr, ctx: Arc<Ctx>) {
     let _enter = span.enter();
     drop(_enter);
 
-    let mut conn = match h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(64 * 1024)
-        // ztunnel's server value: data queued per stream beyond this waits (back-pressure) instead of piling
-        // up in memory when the peer reads slower than the upstream answers.
-        .max_send_buffer_size(400 * 1024)
-        .handshake::<_, Bytes>(super::coalesce::Coalesce::new(tls))
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(peer = %peer_addr, error = %e, "hbone HTTP/2 handshake failed");
-            return;
-        }
-    };
-
-    let mut ping = conn.ping_pong();
-    let dead = tokio_util::sync::CancellationToken::new();
-    if let Some(pp) = ping.take() {
-        tokio::spawn(keepalive(pp, dead.clone()));
-    }
-    let _stop_keepalive = dead.clone().drop_guard();
-
-    let mut draining = false;
-    loop {
-        let next = tokio::select! {
-            biased;
-            _ = dead.cancelled() => {
-                tracing::info!(peer = %peer_addr, "hbone peer stopped answering PING; connection dropped");
-                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
-                break;
-            }
-            _ = ctx.drain.signaled(), if !draining => {
-                draining = true;
-                conn.graceful_shutdown();
-                continue;
-            }
-            n = conn.accept() => n,
-        };
-        match next {
-            Some(Ok((req, respond))) => {
-                let ctx = ctx.clone();
-                let peer = peer.clone();
-                ctx.drain
-                    .clone()
-                    .spawn(async move { proxy::tunnel::handle(ctx, peer, req, respond).await });
-            }
-            Some(Err(e)) => {
-                if !e.is_go_away() && !e.is_io() {
-                    tracing::debug!(peer = %peer_addr, error = %e, "hbone connection error");
+    // Everything that polls the HTTP/2 connection runs under `ticks`, which its writer uses to defer flushes
+    // to the next poll (see `coalesce`).
+    let ticks = Ticks::default();
+    ticks
+        .drive(async {
+            let mut conn = match h2::server::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME)
+                .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                .max_header_list_size(64 * 1024)
+                // ztunnel's server value: data queued per stream beyond this waits (back-pressure) instead of piling
+                // up in memory when the peer reads slower than the upstream answers.
+                .max_send_buffer_size(400 * 1024)
+                .handshake::<_, Bytes>(Coalesce::new(tls, ticks.clone()))
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(peer = %peer_addr, error = %e, "hbone HTTP/2 handshake failed");
+                    return;
                 }
-                break;
+            };
+
+            let mut ping = conn.ping_pong();
+            let dead = tokio_util::sync::CancellationToken::new();
+            if let Some(pp) = ping.take() {
+                tokio::spawn(keepalive(pp, dead.clone()));
             }
-            None => break,
-        }
-    }
+            let _stop_keepalive = dead.clone().drop_guard();
+
+            let mut draining = false;
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = dead.cancelled() => {
+                        tracing::info!(peer = %peer_addr, "hbone peer stopped answering PING; connection dropped");
+                        conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                        break;
+                    }
+                    _ = ctx.drain.signaled(), if !draining => {
+                        draining = true;
+                        conn.graceful_shutdown();
+                        continue;
+                    }
+                    n = conn.accept() => n,
+                };
+                match next {
+                    Some(Ok((req, respond))) => {
+                        let ctx = ctx.clone();
+                        let peer = peer.clone();
+                        ctx.drain
+                            .clone()
+                            .spawn(async move { proxy::tunnel::handle(ctx, peer, req, respond).await });
+                    }
+                    Some(Err(e)) => {
+                        if !e.is_go_away() && !e.is_io() {
+                            tracing::debug!(peer = %peer_addr, error = %e, "hbone connection error");
+                        }
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        })
+        .await
 }
 
 async fn keepalive(mut pp: h2::PingPong, dead: tokio_util::sync::CancellationToken) {
