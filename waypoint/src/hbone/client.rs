@@ -213,7 +213,12 @@ impl HbonePool {
         let connector = tokio_rustls::TlsConnector::from(cfg);
         // No SNI is sent (enable_sni = false); the name only satisfies the API, as ztunnel's 0.0.0.0.
         let name = ServerName::IpAddress(Ipv4Addr::UNSPECIFIED.into());
-        let tls = match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp)).await {
+        let tls = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            connector.connect(name, super::read_ahead::ReadAhead::new(tcp)),
+        )
+        .await
+        {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => return Err(classify_tls_error(addr, e)),
             Err(_) => return Err(HboneError::ConnectTimeout { addr }),

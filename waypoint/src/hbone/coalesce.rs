@@ -339,7 +339,7 @@ mod tests {
 
     impl AsyncWrite for Socket {
         fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-            if self.busy && self.calls.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+            if self.busy && self.calls.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }

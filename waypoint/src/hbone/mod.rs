@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod coalesce;
+pub mod read_ahead;
 pub mod server;
 pub mod stream;
 

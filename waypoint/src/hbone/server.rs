@@ -78,7 +78,12 @@ async fn connection(tcp: TcpStream, peer_addr: SocketAddr, ctx: Arc<Ctx>) {
     let tls_state = ctx.tls.current();
     let trust_domain = ctx.config.guard().settings.trust_domain.clone();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_state.server.clone());
-    let tls = match tokio::time::timeout(super::CONNECT_TIMEOUT, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(
+        super::CONNECT_TIMEOUT,
+        acceptor.accept(super::read_ahead::ReadAhead::new(tcp)),
+    )
+    .await
+    {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::warn!(peer = %peer_addr, reason = %e, "hbone TLS handshake refused; connection closed");
