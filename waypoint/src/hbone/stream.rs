@@ -13,6 +13,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// Most bytes one read gathers from received chunks.
+const FILL: usize = 64 * 1024;
 /// How long a stream we finished keeps reading for the peer's END_STREAM (see `Drop`).
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -59,24 +61,35 @@ fn is_graceful(e: &h2::Error) -> bool {
 
 impl AsyncRead for H2Stream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        // Every chunk already received goes out in this one read (up to FILL): each read becomes one body chunk
+        // for the HTTP layer above, and each of those costs task wake-ups on the way out.
+        let start = buf.filled().len();
         loop {
+            let got = buf.filled().len() - start;
             if !self.pending.is_empty() {
                 let n = self.pending.len().min(buf.remaining());
                 buf.put_slice(&self.pending[..n]);
                 self.pending.advance(n);
-                return Poll::Ready(Ok(()));
+                if buf.remaining() == 0 || got + n >= FILL {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
             }
             let Some(recv) = self.recv.as_mut() else {
                 return Poll::Ready(Ok(()));
             };
-            match ready!(recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
-                Some(Ok(chunk)) => {
+            // Errors and the end wait for the next read when this one already carries data: h2 reports them again.
+            match recv.poll_data(cx) {
+                Poll::Pending if got == 0 => return Poll::Pending,
+                Poll::Pending => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(Ok(chunk))) => {
                     let _ = recv.flow_control().release_capacity(chunk.len());
                     self.pending = chunk;
                 }
-                Some(Err(e)) if is_graceful(&e) => return Poll::Ready(Ok(())),
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                Poll::Ready(_) if got > 0 => return Poll::Ready(Ok(())),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(Err(e))) if is_graceful(&e) => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_to_io(e))),
             }
         }
     }
@@ -246,6 +259,23 @@ mod tests {
         assert_eq!(reset_seen(&mut send, LINGER / 2).await, None);
         send.send_data(Bytes::from_static(b"late"), true).unwrap();
         assert_eq!(reset_seen(&mut send, LINGER * 2).await, None, "stream closed cleanly");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_read_gathers_every_chunk_already_received() {
+        let (mut send, _recv, mut server) = raw_client_pair().await;
+        let chunks: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 16 * 1024]).collect();
+        for c in &chunks {
+            send.send_data(Bytes::from(c.clone()), false).unwrap();
+        }
+        send.send_data(Bytes::new(), true).unwrap();
+        // With the clock paused this returns once every other task is idle: all three chunks are in h2's buffer.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        let mut space = vec![0u8; 256 * 1024];
+        let n = server.read(&mut space).await.unwrap();
+        assert_eq!(n, 3 * 16 * 1024, "one read, three chunks");
+        assert!(space[..n] == chunks.concat()[..], "in order");
+        assert_eq!(server.read(&mut space).await.unwrap(), 0, "then the end");
     }
 
     #[tokio::test(start_paused = true)]
