@@ -270,6 +270,11 @@ async fn run(opts: &Opts, args: &[String]) -> Result<()> {
     let raw_dir = work.join("raw");
     std::fs::create_dir_all(&raw_dir).with_context(|| format!("create {}", raw_dir.display()))?;
     eprintln!("[rig] work dir {}", work.display());
+    // Declared before the rig so that it is dropped after it: the processes writing there are gone by then.
+    let _scratch = Scratch {
+        dir: work.clone(),
+        remove: opts.work_dir.is_none(),
+    };
 
     let mut rig = topology::start(&RigOptions {
         work: work.clone(),
@@ -483,10 +488,34 @@ async fn run(opts: &Opts, args: &[String]) -> Result<()> {
     let out = opts.out.clone().unwrap_or_else(|| root.join("benches/RESULTS.md"));
     std::fs::write(&out, &report).with_context(|| format!("write {}", out.display()))?;
     println!("{report}");
-    eprintln!(
-        "[rig] report written to {}; raw output in {}",
-        out.display(),
-        raw_dir.display()
-    );
+    if opts.work_dir.is_some() {
+        eprintln!(
+            "[rig] report written to {}; raw output in {}",
+            out.display(),
+            raw_dir.display()
+        );
+    } else {
+        eprintln!(
+            "[rig] report written to {}; scratch directory removed (pass --work-dir to keep raw output and logs)",
+            out.display()
+        );
+    }
     Ok(())
+}
+
+/// The rig's scratch directory. A default one under the temp dir is removed when the rig ends, however it ends:
+/// the destination ztunnel's access log alone grows by ~100 MB per full run.
+struct Scratch {
+    dir: PathBuf,
+    remove: bool,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.remove
+            && let Err(e) = std::fs::remove_dir_all(&self.dir)
+        {
+            eprintln!("[rig] could not remove {}: {e}", self.dir.display());
+        }
+    }
 }
