@@ -441,34 +441,11 @@ impl Rig {
         }
 
         let pod = SocketAddr::new(self.pod_ip, H1_PORT).to_string();
-        let entries = self.wait_access_log(&pod).await?;
-        let found = |peer: &str, from_envoy: Option<bool>| {
-            entries.iter().any(|e| {
-                e.authority == pod
-                    && e.status == 200
-                    && e.established
-                    && e.peer == peer
-                    && from_envoy.is_none_or(|want| (e.src_ip == Some(self.envoy_ip)) == want)
-            })
-        };
-        let checks = [
-            (
-                "no-waypoint tunnel, client identity",
-                found(&self.client_identity, None),
-            ),
-            (
-                "our waypoint's own tunnel, waypoint identity",
-                found(&self.waypoint_identity, Some(false)),
-            ),
-            (
-                "Envoy waypoint's own tunnel, waypoint identity",
-                found(&self.waypoint_identity, Some(true)),
-            ),
-        ];
-        for (what, ok) in checks {
-            if !ok {
-                bail!("destination ztunnel access log shows no {what} (authority {pod}, status 200): {entries:#?}");
-            }
+        let missing = self.wait_access_log(&pod).await?;
+        if let Some((what, entries)) = missing {
+            bail!("destination ztunnel access log shows no {what} (authority {pod}, status 200): {entries:#?}");
+        }
+        for what in ACCESS_CHECKS {
             lines.push(format!("destination ztunnel access log: {what}, CONNECT {pod} 200: OK"));
         }
 
@@ -481,22 +458,49 @@ impl Rig {
         Ok(lines)
     }
 
-    async fn wait_access_log(&self, pod: &str) -> Result<Vec<AccessEntry>> {
+    /// Waits until the destination ztunnel has logged a tunnel of each kind in [`ACCESS_CHECKS`] (its access log
+    /// is flushed on a timer, so entries show up late); on timeout, the first kind missing and what was logged.
+    async fn wait_access_log(&self, pod: &str) -> Result<Option<(&'static str, Vec<AccessEntry>)>> {
         let path = self.dest_zt.dir.join(DEST_ACCESS_LOG);
         let start = Instant::now();
         loop {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             let entries = parse_access_log(&text);
-            let waypoint_tunnels = entries
+            let found = |peer: &str, from_envoy: Option<bool>| {
+                entries.iter().any(|e| {
+                    e.authority == pod
+                        && e.status == 200
+                        && e.established
+                        && e.peer == peer
+                        && from_envoy.is_none_or(|want| (e.src_ip == Some(self.envoy_ip)) == want)
+                })
+            };
+            let wanted = [
+                found(&self.client_identity, None),
+                found(&self.waypoint_identity, Some(false)),
+                found(&self.waypoint_identity, Some(true)),
+            ];
+            let missing = ACCESS_CHECKS
                 .iter()
-                .filter(|e| e.peer == self.waypoint_identity && e.authority == pod);
-            if waypoint_tunnels.count() >= 2 || start.elapsed() > Duration::from_secs(5) {
-                return Ok(entries);
+                .zip(wanted)
+                .find(|(_, ok)| !ok)
+                .map(|(what, _)| *what);
+            match missing {
+                None => return Ok(None),
+                Some(what) if start.elapsed() > Duration::from_secs(10) => return Ok(Some((what, entries))),
+                Some(_) => sleep(Duration::from_millis(100)).await,
             }
-            sleep(Duration::from_millis(100)).await;
         }
     }
 }
+
+/// The tunnels the end-to-end check expects in the destination ztunnel's access log, in the order
+/// `wait_access_log` tests them.
+const ACCESS_CHECKS: [&str; 3] = [
+    "no-waypoint tunnel, client identity",
+    "our waypoint's own tunnel, waypoint identity",
+    "Envoy waypoint's own tunnel, waypoint identity",
+];
 
 /// GET through a fresh tunnel; the first tunnels of a path may race the source ztunnel's connection setup.
 async fn get_retrying(target: SocketAddr, path: &str) -> Result<http1::Response> {
