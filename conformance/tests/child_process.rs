@@ -5,11 +5,11 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::stream;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use waypoint_conformance::client::{self, Body, BoxError, empty};
+use waypoint_conformance::echo;
 use waypoint_conformance::mesh::{Mesh, PodSpec, PortSpec, ServiceSpec};
 
 const BIN: &str = env!("CARGO_BIN_EXE_waypoint-conformance");
@@ -39,9 +39,13 @@ fn vm_hwm_kb(pid: u32) -> u64 {
 const MIB: usize = 1024 * 1024;
 const LARGE: usize = 256 * MIB;
 
+/// `total` bytes of the echo's pattern, in 64 KiB chunks that share the pattern's memory.
 fn streamed_upload(total: usize) -> Body {
-    let chunk = Bytes::from(vec![0x5a; MIB]);
-    let chunks = stream::iter((0..total / MIB).map(move |_| Ok::<_, BoxError>(http_body::Frame::data(chunk.clone()))));
+    const CHUNK: usize = 64 * 1024;
+    let chunks = stream::iter((0..total).step_by(CHUNK).map(move |offset| {
+        let len = CHUNK.min(total - offset);
+        Ok::<_, BoxError>(http_body::Frame::data(echo::pattern_chunk(offset as u64, len)))
+    }));
     BodyExt::boxed(StreamBody::new(chunks))
 }
 
@@ -69,6 +73,11 @@ async fn large_bodies_stream_without_growing_memory() {
         LARGE as u64,
         "every byte of the upload arrived"
     );
+    assert_eq!(
+        reply.json()["bodyMatchesPattern"],
+        true,
+        "the upload arrived byte for byte, in order"
+    );
 
     let tunnel = source.connect(&authority).await.unwrap();
     let mut send = client::http1(tunnel).await.unwrap();
@@ -82,6 +91,11 @@ async fn large_bodies_stream_without_growing_memory() {
     let mut received = 0usize;
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame.unwrap().into_data() {
+            assert!(
+                echo::matches_pattern(received as u64, &data),
+                "download bytes {received}..{} differ from what the backend sent",
+                received + data.len()
+            );
             received += data.len();
         }
     }

@@ -62,7 +62,11 @@ async fn get_and_post_over_http1_reach_every_endpoint_through_hbone() {
     pods.dedup();
     assert_eq!(pods, vec!["echo-a", "echo-b"], "round robin over both endpoints");
 
-    let payload = Bytes::from(vec![b'x'; 300_000]);
+    let payload: Bytes = (0..300_000u64)
+        .step_by(50_000)
+        .flat_map(|offset| waypoint_conformance::echo::pattern_chunk(offset, 50_000).to_vec())
+        .collect::<Vec<u8>>()
+        .into();
     let req = Request::post("/orders")
         .header("host", "echo.shop")
         .header("x-client-id", "kept")
@@ -75,6 +79,7 @@ async fn get_and_post_over_http1_reach_every_endpoint_through_hbone() {
     let json = reply.json();
     assert_eq!(json["method"], "POST");
     assert_eq!(json["bodyBytes"], 300_000);
+    assert_eq!(json["bodyMatchesPattern"], true, "the body arrived byte for byte");
     assert_eq!(json["headers"]["X-Client-Id"][0], "kept");
     assert!(
         json["headers"].get("X-Hop").is_none(),
