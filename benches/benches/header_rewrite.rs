@@ -6,13 +6,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark setup: a failed unwrap is a broken bench
 
-use std::hint::black_box;
-use std::sync::Arc;
-
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderName, HeaderValue, Request};
-use waypoint_filters::route::{Filter, HeaderModifier, Matched, PathModifier, Rewrite, Route, RouteKind, Rule};
-use waypoint_filters::{headers, rewrite};
+use std::hint::black_box;
+use waypoint_filters::route::{Filter, HeaderModifier, PathModifier, Rewrite};
+use waypoint_filters::{headers, rewrite, test_support};
 
 /// The headers a request carries after the source ztunnel and an Istio-instrumented client: 16 lines.
 fn mesh_request_headers() -> HeaderMap {
@@ -74,33 +72,12 @@ fn bench_headers(c: &mut Criterion) {
     });
 }
 
-fn matched_prefix(rewrite: Rewrite, prefix: &str) -> Matched {
-    Matched {
-        route: Arc::new(Route {
-            kind: RouteKind::Http,
-            namespace: "bookinfo".into(),
-            name: "reviews".into(),
-            creation_timestamp: None,
-            source_order: 0,
-            hostnames: vec![],
-            rules: vec![],
-        }),
-        rule: Arc::new(Rule {
-            filters: vec![Filter::Rewrite(rewrite)],
-            ..Default::default()
-        }),
-        matched_prefix: Some(Arc::from(prefix)),
-        rule_index: 0,
-        match_index: 0,
-    }
-}
-
 fn bench_url_rewrite(c: &mut Criterion) {
     let rule = Rewrite {
         hostname: Some("reviews-v2.bookinfo.svc.cluster.local".into()),
         path: Some(PathModifier::ReplacePrefixMatch("/api/v2".into())),
     };
-    let matched = matched_prefix(rule.clone(), "/reviews");
+    let matched = test_support::matched(vec![Filter::Rewrite(rule.clone())], vec![], Some("/reviews"));
     let request = || {
         let mut req = Request::get("/reviews/0/ratings?stars=5&sort=desc").body(()).unwrap();
         *req.headers_mut() = mesh_request_headers();

@@ -30,8 +30,10 @@ pub mod retry;
 pub mod rewrite;
 pub mod route;
 pub mod service;
-#[cfg(test)]
-mod test_support;
+/// Helpers for this crate's tests and the workspace's benchmarks (request bodies, a route-match result); not
+/// part of the proxy's API.
+#[doc(hidden)]
+pub mod test_support;
 pub mod timeout;
 
 use std::convert::Infallible;

@@ -110,29 +110,11 @@ pub fn apply<B>(rewrite: &Rewrite, req: &mut Request<B>) -> Result<(), RewriteEr
 mod tests {
     use super::*;
     use crate::reply::empty_body;
-    use crate::route::{PathModifier, Route, RouteKind, Rule};
-    use std::sync::Arc;
+    use crate::route::PathModifier;
     use tower::ServiceExt;
 
     fn matched(rewrite: Rewrite, prefix: &str) -> Matched {
-        Matched {
-            route: Arc::new(Route {
-                kind: RouteKind::Http,
-                namespace: "ns".into(),
-                name: "r".into(),
-                creation_timestamp: None,
-                source_order: 0,
-                hostnames: vec![],
-                rules: vec![],
-            }),
-            rule: Arc::new(Rule {
-                filters: vec![Filter::Rewrite(rewrite)],
-                ..Default::default()
-            }),
-            matched_prefix: Some(Arc::from(prefix)),
-            rule_index: 0,
-            match_index: 0,
-        }
+        crate::test_support::matched(vec![Filter::Rewrite(rewrite)], vec![], Some(prefix))
     }
 
     /// Answers with "<host header> <uri>".
