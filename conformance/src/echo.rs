@@ -4,9 +4,10 @@
 //! One port serves HTTP/1.1 (keep-alive) and h2c prior knowledge. Besides the upstream behaviour
 //! (`?delay=`, `/retry/...`, `/status/NNN`, `/health`, `X-Echo-Set-Header`) the server has what proxy tests
 //! need: request bodies are counted while streamed (`bodyBytes` / `BodyBytes=`), `/bytes/<n>` streams n
-//! bytes of a fixed pattern and JSON echoes say whether the request body was that pattern (`bodyMatchesPattern`),
-//! so bulk data can be checked byte for byte end to end, and gRPC-looking requests get a gRPC-framed echo with trailers. `/ws` is echo-basic's
-//! WebSocket endpoint: it upgrades and echoes every frame.
+//! bytes of a fixed pattern and JSON echoes say whether the request body was that pattern
+//! (`bodyMatchesPattern`), so bulk data can be checked byte for byte end to end, and gRPC-looking requests get
+//! a gRPC-framed echo with trailers. `/ws` is echo-basic's WebSocket endpoint: it upgrades and echoes every
+//! frame.
 //!
 //! An echoed request is logged like echo-basic does (`Echoing back request made to ...`); tests read the log
 //! through the handle, and can wait for a line instead of sleeping.
@@ -682,7 +683,8 @@ struct JsonEcho<'a> {
     body_matches_pattern: bool,
 }
 
-/// Reads the whole body frame by frame (never buffering it) and keeps only its size and trailers.
+/// Reads the whole body frame by frame (never buffering it) and keeps only its size, whether it was the
+/// `/bytes` pattern, and its trailers.
 async fn receive(request: Request<Incoming>) -> Result<Received, Abort> {
     let (parts, mut body) = request.into_parts();
     let mut body_bytes = 0u64;
@@ -846,7 +848,7 @@ fn grpc_response(echo: Bytes, request_trailers: Option<&HeaderMap>) -> Response<
 /// The content of `/bytes/<n>` bodies and what `bodyMatchesPattern` compares uploads against: byte `i` of a body
 /// is `PATTERN[i % PATTERN_PERIOD]`. The period is prime so that no reordered, repeated or dropped run of 16 KiB
 /// records, h2 frames or 64 KiB chunks can line up with it and go unnoticed.
-pub const PATTERN_PERIOD: usize = 131_071;
+const PATTERN_PERIOD: usize = 131_071;
 /// Longest slice handed out at once (one `/bytes` chunk).
 const PATTERN_CHUNK: usize = 64 * 1024;
 
@@ -855,7 +857,7 @@ static PATTERN: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let period: Vec<u8> = (0..PATTERN_PERIOD)
         .map(|_| {
-            // xorshift64: cheap, and no run of it repeats within the period.
+            // xorshift64: cheap, and its state cannot cycle within one period, so no run of bytes is periodic.
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
