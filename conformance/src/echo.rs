@@ -1302,7 +1302,7 @@ mod tests {
         let echo = start(EchoFormat::Json, false).await;
         let mut client = h1(echo.addr()).await;
         for (body, want) in [
-            (Bytes::from(pattern_chunk(0, 50_000).to_vec()), true),
+            (pattern_chunk(0, 50_000), true),
             (pattern_chunk(1, 50_000), false),
             (Bytes::new(), true),
         ] {
